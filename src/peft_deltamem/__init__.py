@@ -1,0 +1,18 @@
+"""peft-deltamem: δ-mem online memory for frozen language models, as a PEFT method.
+
+``import peft_deltamem`` registers the ``DELTA_MEM`` PEFT type, after which peft's
+``get_peft_model``, ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` work with
+:class:`DeltaMemConfig`.
+"""
+
+from .config import DeltaMemConfig
+from .layer import DeltaMemLayer
+from .model import DeltaMemModel
+from .peft_type import DeltaMemPeftType
+from .registration import register
+from .state import MemoryState
+
+register()
+
+__all__ = ["DeltaMemConfig", "DeltaMemLayer", "DeltaMemModel", "DeltaMemPeftType", "MemoryState", "register"]
+__version__ = "0.1.0"

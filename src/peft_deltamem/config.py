@@ -1,0 +1,146 @@
+"""Configuration of a δ-mem adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft import PeftConfig
+
+from .peft_type import DeltaMemPeftType
+
+HEADS = ("q", "k", "v", "o")
+GRANULARITIES = ("token", "segment")
+
+
+@dataclass
+class DeltaMemConfig(PeftConfig):
+    """Configuration of a δ-mem adapter (defaults are the paper's).
+
+    Each selected attention block gets an ``r x r`` float32 memory written by the gated delta rule
+    and read by every token; the reads become low-rank corrections of the attention projections
+    named in ``delta_heads``. See ``docs/concepts.md`` for the math and the memory lifecycle.
+    """
+
+    r: int = field(default=8, metadata={"help": "Memory rank: the state of one block is an r x r matrix."})
+    alpha: float = field(default=16.0, metadata={"help": "Corrections are scaled by alpha / r."})
+    delta_heads: tuple[str, ...] = field(
+        default=("q", "o"),
+        metadata={"help": "Projections that receive a correction: any non-empty subset of 'q', 'k', 'v', 'o'."},
+    )
+    num_state_heads: int = field(
+        default=1, metadata={"help": "Independent memories per block; > 1 is multi-state write (MSW)."}
+    )
+    write_granularity: Literal["token", "segment"] = field(
+        default="token",
+        metadata={
+            "help": "'token' (TSW): every valid token writes. 'segment' (SSW): the mean hidden state of each "
+            "caller-marked segment is written once; pass `memory_segment_ids` to every writing call."
+        },
+    )
+    beta_bias_init: float = field(default=-1.5, metadata={"help": "Initial write-gate bias (sigmoid(-1.5) ~ 0.18)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Attention modules to adapt (names or a regex). None: detected from the model type "
+            "(see `peft_deltamem.architectures`)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave out."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the attention blocks of these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with `layers_to_transform` (e.g. 'layers')."}
+    )
+    projection_names: Optional[dict[str, str]] = field(
+        default=None,
+        metadata={
+            "help": "Names of the attention's projection children, overriding the per-model-type map, e.g. "
+            "{'q': 'q_proj', 'k': 'k_proj', 'v': 'v_proj', 'o': 'o_proj'} or {'qkv': 'qkv_proj', 'o': 'o_proj'}."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: zero correction heads (an exact no-op at init). False: small random heads (tests)."},
+    )
+    write_generated_tokens: bool = field(
+        default=True, metadata={"help": "Whether tokens produced by generate() are written into memory."}
+    )
+    write_sparsity_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the optional write-sparsity penalty weight * (mean beta - target)^2 in training."},
+    )
+    write_sparsity_target: float = field(default=0.05, metadata={"help": "Target mean write gate of that penalty."})
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Not supported by δ-mem; must stay None."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save next to the adapter."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = DeltaMemPeftType.DELTA_MEM
+        if isinstance(self.delta_heads, str):
+            self.delta_heads = (self.delta_heads,)
+        self.delta_heads = tuple(self.delta_heads)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"DeltaMemConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise bad("r", "the memory rank must be a positive integer (the paper uses 8).")
+        if not self.alpha > 0:
+            raise bad("alpha", "the correction scale alpha must be > 0 (the paper uses 16).")
+        if not self.delta_heads:
+            raise bad("delta_heads", f"give at least one of {HEADS}.")
+        unknown = [h for h in self.delta_heads if h not in HEADS]
+        if unknown or len(set(self.delta_heads)) != len(self.delta_heads):
+            raise bad("delta_heads", f"each entry must be one of {HEADS}, at most once.")
+        self.delta_heads = tuple(h for h in HEADS if h in self.delta_heads)
+        if isinstance(self.num_state_heads, bool) or not isinstance(self.num_state_heads, int) or self.num_state_heads < 1:
+            raise bad("num_state_heads", "must be an integer >= 1 (1 = one memory, > 1 = MSW).")
+        if self.write_granularity not in GRANULARITIES:
+            raise bad("write_granularity", f"choose one of {GRANULARITIES}.")
+        if self.target_parameters:
+            raise bad("target_parameters", "δ-mem adapts attention modules, not parameters; use target_modules.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise bad("layers_pattern", "it only has an effect together with layers_to_transform.")
+        if self.projection_names is not None:
+            keys = set(self.projection_names)
+            if not keys <= {"q", "k", "v", "o", "qkv"} or "o" not in keys or not ({"q", "k", "v"} <= keys or "qkv" in keys):
+                raise bad(
+                    "projection_names",
+                    "give 'o' and either 'q', 'k', 'v' or a fused 'qkv', e.g. {'qkv': 'qkv_proj', 'o': 'o_proj'}.",
+                )
+        for name in ("write_sparsity_weight", "write_sparsity_target"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be >= 0.")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def memory_width(self) -> int:
+        """Width of the concatenated reads: r times the number of state heads."""
+        return self.r * self.num_state_heads
+
+    def fingerprint(self) -> str:
+        """A short hash of the fields that decide the memory's shape and meaning."""
+        fields = {
+            "r": self.r,
+            "num_state_heads": self.num_state_heads,
+            "write_granularity": self.write_granularity,
+            "delta_heads": list(self.delta_heads),
+            "layers_to_transform": self.layers_to_transform,
+            "target_modules": sorted(self.target_modules) if isinstance(self.target_modules, (set, list)) else self.target_modules,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

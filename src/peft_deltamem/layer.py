@@ -1,0 +1,306 @@
+"""The δ-mem tuner layer: wraps one attention block, owns its memory parameters and state."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from . import ops
+from .architectures import AttentionLayout
+from .config import DeltaMemConfig
+from .runtime import CALL_KWARG, CallRecord, MemoryRuntime
+
+MERGE_ERROR = (
+    "δ-mem adapters cannot be merged into the base weights: their corrections depend on the memory state, "
+    "which changes with every token the model reads. Keep the adapter loaded (it costs ~0.1% extra compute), "
+    "or call unload() to get the plain base model back."
+)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The per-adapter numbers a layer needs at run time (derived from the config)."""
+
+    r: int
+    num_state_heads: int
+    delta_heads: tuple[str, ...]
+    scaling: float
+    write_granularity: str
+
+    @property
+    def width(self) -> int:
+        return self.r * self.num_state_heads
+
+
+class DeltaMemLayer(nn.Module, BaseTunerLayer):
+    """Wraps an attention module; adds ``scale * Δ_h read_t`` to the outputs of its projections.
+
+    Parameters per adapter (each container is keyed by adapter name):
+
+    - ``delta_mem_write``: one Linear ``d -> 4·r·H`` whose row blocks are W_mq, W_mk, W_mv and W_β;
+      one GEMM computes every memory projection and the gate.
+    - ``delta_mem_beta_bias``: the write-gate bias b_β (r·H).
+    - ``delta_mem_out``: one Linear ``r·H -> Σ out_features`` stacking the Δ heads in q, k, v, o order.
+
+    The runtime memory (``self.memory``: adapter -> float32 (B, H, r, r) tensor or None) is a plain
+    attribute, never a parameter or buffer, so it is neither saved with the adapter nor broadcast by DDP.
+    """
+
+    adapter_layer_names = ("delta_mem_write", "delta_mem_beta_bias", "delta_mem_out")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, layout: AttentionLayout, runtime: MemoryRuntime, name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.delta_mem_write = nn.ModuleDict()
+        self.delta_mem_beta_bias = nn.ParameterDict()
+        self.delta_mem_out = nn.ModuleDict()
+        self.settings: dict[str, AdapterSettings] = {}
+        self.layout = layout
+        self.runtime = runtime
+        self.layer_name = name
+        self.memory: dict[str, torch.Tensor | None] = {}
+        self._corrections: dict[str, torch.Tensor] | None = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        runtime.layers[name] = self
+        for slot, child_name in layout.projections.items():
+            getattr(base_layer, child_name).register_forward_hook(functools.partial(self._add_correction, slot))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            # decoder layers read attributes such as `is_sliding` or `layer_idx` from their attention module
+            return getattr(self.base_layer, name)
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def update_layer(self, adapter_name: str, config: DeltaMemConfig) -> None:
+        settings = AdapterSettings(
+            r=config.r,
+            num_state_heads=config.num_state_heads,
+            delta_heads=tuple(config.delta_heads),
+            scaling=config.scaling,
+            write_granularity=config.write_granularity,
+        )
+        width, d = settings.width, self.layout.hidden_size
+        out_features = sum(self.layout.head_out_features(h) for h in settings.delta_heads)
+        self.delta_mem_write[adapter_name] = nn.Linear(d, 4 * width, bias=False)
+        self.delta_mem_beta_bias[adapter_name] = nn.Parameter(torch.empty(width))
+        self.delta_mem_out[adapter_name] = nn.Linear(width, out_features, bias=False)
+        self.settings[adapter_name] = settings
+        self.memory[adapter_name] = None
+        self.reset_parameters(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, config: DeltaMemConfig) -> None:
+        write = self.delta_mem_write[adapter_name].weight
+        if write.device.type == "meta":
+            return
+        width = self.settings[adapter_name].width
+        bound = 1.0 / math.sqrt(self.layout.hidden_size)  # kaiming-uniform(a=√5), as nn.Linear
+        write[: 3 * width].uniform_(-bound, bound)
+        write[3 * width :].zero_()  # W_β = 0: every token starts with the same gate sigmoid(b_β)
+        self.delta_mem_beta_bias[adapter_name].fill_(config.beta_bias_init)
+        out = self.delta_mem_out[adapter_name].weight
+        if config.init_weights:
+            out.zero_()  # Δ heads at zero: the adapter is an exact no-op until trained
+        else:
+            out.normal_(0.0, 0.02)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # The wrapped attention has no weight of its own; follow its first projection.
+        projection = getattr(self.base_layer, next(iter(self.layout.projections.values())))
+        proj_device, proj_dtype = self._get_base_layer_device_and_dtype(projection)
+        target = device if device is not None else proj_device
+        if target is None:
+            return
+        dtype = proj_dtype if proj_dtype is not None and proj_dtype.is_floating_point else None
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            if any(p.device.type == "meta" for p in params):
+                continue  # low_cpu_mem_usage: the weights arrive later with the state dict
+            container[adapter_name] = item.to(target, dtype=dtype) if dtype is not None else item.to(target)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def remove_projection_hooks(self) -> None:
+        for child_name in self.layout.projections.values():
+            hooks = getattr(self.base_layer, child_name)._forward_hooks
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, functools.partial) and getattr(hook.func, "__self__", None) is self:
+                    del hooks[key]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.settings.pop(adapter_name, None)
+        self.memory.pop(adapter_name, None)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def forward(self, *args, **kwargs):
+        record: CallRecord | None = kwargs.pop(CALL_KWARG, None)
+        adapters = [a for a in self.active_adapters if a in self.delta_mem_write]
+        if self.disable_adapters or not adapters:
+            return self.base_layer(*args, **kwargs)
+        record = record or self.runtime.current
+        if record is None:
+            raise RuntimeError(
+                f"The δ-mem layer {self.layer_name} ran outside a forward call of its model. Call the PEFT model "
+                "(or the model returned by get_peft_model / load_adapter) rather than an inner submodule."
+            )
+        hidden = args[0] if args else kwargs["hidden_states"]
+        corrections: dict[str, torch.Tensor] = {}
+        for adapter in adapters:
+            for slot, value in self._corrections_for(adapter, hidden, record).items():
+                corrections[slot] = corrections[slot] + value if slot in corrections else value
+        self._corrections = corrections
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            self._corrections = None
+
+    def _add_correction(self, slot: str, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        corrections = self._corrections
+        if corrections is None or slot not in corrections:
+            return output
+        return output + corrections[slot].to(output.dtype)
+
+    def _corrections_for(self, adapter: str, hidden: torch.Tensor, record: CallRecord) -> dict[str, torch.Tensor]:
+        settings = self.settings[adapter]
+        weight = self.delta_mem_write[adapter].weight
+        x = hidden.to(weight.dtype)
+        batch, length, _ = x.shape
+        valid = record.token_mask(batch, length, x.device)
+        state = self._input_state(adapter, record, batch, x.device)
+        if settings.write_granularity == "segment":
+            reads, final = self._segment_scan(adapter, x, state, valid, record)
+        else:
+            reads, final = self._token_scan(adapter, x, state, valid, record)
+        record.final_states[(self.layer_name, adapter)] = final if record.keep_graph else final.detach()
+        if valid is not None:
+            reads = reads * valid[:, None, :, None]
+        reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(weight.dtype)
+        out = self.delta_mem_out[adapter](reads) * settings.scaling
+        return self._split_heads(out, settings)
+
+    def _input_state(self, adapter: str, record: CallRecord, batch: int, device: torch.device) -> torch.Tensor:
+        # Recorded once per call, so a recomputed (checkpointed) layer reads the same state.
+        key = (self.layer_name, adapter)
+        if key in record.input_states:
+            return record.input_states[key]
+        state = None if record.fresh else self.memory.get(adapter)
+        settings = self.settings[adapter]
+        if state is None:
+            state = torch.zeros(batch, settings.num_state_heads, settings.r, settings.r, device=device)
+        elif state.shape[0] != batch:
+            raise ValueError(
+                f"The δ-mem memory of adapter {adapter!r} holds {state.shape[0]} batch rows but this call has "
+                f"{batch}. The memory is never re-initialised silently: call model.reset_memory() to start "
+                "empty, or model.set_memory_state(...) with a state of the right batch size."
+            )
+        state = state.to(device)
+        record.input_states[key] = state
+        return state
+
+    def _heads(self, projected: torch.Tensor, settings: AdapterSettings) -> torch.Tensor:
+        batch, length, _ = projected.shape
+        return projected.view(batch, length, settings.num_state_heads, settings.r).transpose(1, 2)
+
+    def _write_mask(self, valid: torch.Tensor | None, record: CallRecord, batch: int, length: int) -> torch.Tensor | None:
+        user = record.tail(record.write_mask, batch, length, "memory_write_mask")
+        if user is None:
+            return valid
+        user = user.to(device=valid.device if valid is not None else user.device, dtype=torch.bool)
+        return user if valid is None else valid & user
+
+    def _token_scan(self, adapter, x, state, valid, record):
+        settings = self.settings[adapter]
+        width = settings.width
+        weight = self.delta_mem_write[adapter].weight
+        if not record.writes:
+            q = F.linear(x, weight[:width])
+            q = F.normalize(torch.tanh(self._heads(q, settings)), dim=-1)
+            return ops.read_only(q, state), state
+        projected = F.linear(x, weight)
+        q, k, v, gate = (self._heads(p, settings) for p in projected.split(width, dim=-1))
+        q = F.normalize(torch.tanh(q), dim=-1)
+        k = F.normalize(torch.tanh(k), dim=-1)
+        beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
+        write_mask = self._write_mask(valid, record, x.shape[0], x.shape[1])
+        return ops.delta_rule(q, k, v, beta, state, write_mask)
+
+    def _segment_scan(self, adapter, x, state, valid, record):
+        """SSW: each segment's mean hidden state is written once; a token reads the state before its segment."""
+        settings = self.settings[adapter]
+        width = settings.width
+        weight = self.delta_mem_write[adapter].weight
+        batch, length, _ = x.shape
+        q = F.normalize(torch.tanh(self._heads(F.linear(x, weight[:width]), settings)), dim=-1)
+        if not record.writes:
+            return ops.read_only(q, state), state
+        ids = record.tail(record.segment_ids, batch, length, "memory_segment_ids")
+        if ids is None:
+            raise ValueError(
+                "write_granularity='segment' needs per-token segment ids for every call that writes: pass "
+                "memory_segment_ids=<(batch, length) ints, e.g. one id per chat message> to the forward call, or "
+                "switch writes off for this call (`with model.memory_writes(False):`; for generate(), "
+                "write_generated_tokens=False)."
+            )
+        ids = ids.to(x.device)
+        writes = self._write_mask(valid, record, batch, length)
+        if writes is None:
+            writes = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        positions = torch.arange(length, device=x.device).expand(batch, length)
+        last_writer = torch.cummax(torch.where(writes, positions, -1), dim=1).values
+        previous = torch.cat([last_writer.new_full((batch, 1), -1), last_writer[:, :-1]], dim=1)
+        previous_ids = ids.gather(1, previous.clamp(min=0))
+        starts = writes & ((previous < 0) | (ids != previous_ids))
+        segment = torch.cumsum(starts.long(), dim=1) - 1  # segment in progress (or last started) at each token
+
+        slot = torch.where(writes, segment, length).unsqueeze(-1)  # non-writing tokens go to a dump slot
+        sums = x.new_zeros(batch, length + 1, x.shape[-1]).scatter_add(1, slot.expand_as(x), x)
+        counts = x.new_zeros(batch, length + 1, 1).scatter_add(1, slot, torch.ones_like(slot, dtype=x.dtype))
+        pooled = sums[:, :length] / counts[:, :length].clamp(min=1)
+        segment_valid = counts[:, :length, 0] > 0
+
+        _, k, v, gate = (self._heads(p, settings) for p in F.linear(pooled, weight).split(width, dim=-1))
+        k = F.normalize(torch.tanh(k), dim=-1)
+        beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
+        states, final = ops.delta_rule_states(k, v, beta, state, segment_valid)
+        index = segment.clamp(min=0).view(batch, 1, length, 1, 1).expand(-1, settings.num_state_heads, -1, settings.r, settings.r)
+        before = states.gather(2, index)
+        return torch.einsum("bhtij,bhtj->bhti", before, q.float()), final
+
+    def _split_heads(self, out: torch.Tensor, settings: AdapterSettings) -> dict[str, torch.Tensor]:
+        sizes = [self.layout.head_out_features(h) for h in settings.delta_heads]
+        per_head = dict(zip(settings.delta_heads, out.split(sizes, dim=-1)))
+        if "qkv" not in self.layout.projections:
+            return per_head
+        corrections = {"o": per_head["o"]} if "o" in per_head else {}
+        if any(h in per_head for h in "qkv"):
+            parts = [
+                per_head[h] if h in per_head else out.new_zeros(*out.shape[:-1], size)
+                for h, size in zip("qkv", self.layout.fused_sizes)
+            ]
+            corrections["qkv"] = torch.cat(parts, dim=-1)
+        return corrections

@@ -1,0 +1,239 @@
+"""The δ-mem tuner: injection into attention blocks, the memory API, generation guards."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .architectures import ATTENTION_LAYOUTS, check_model_supported, default_target_modules, resolve_layout
+from .config import DeltaMemConfig
+from .layer import MERGE_ERROR, DeltaMemLayer
+from .runtime import MemoryRuntime
+from .state import MemoryState
+
+_UNSUPPORTED_GENERATION = {
+    "num_beams": "beam search reorders batch rows, but the memory state cannot be reordered",
+    "num_beam_groups": "beam search reorders batch rows, but the memory state cannot be reordered",
+    "assistant_model": "assisted decoding rolls back rejected tokens, but memory writes cannot be rolled back",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding rolls back rejected tokens, but memory writes cannot be rolled back",
+    "assistant_early_exit": "self-speculative decoding rolls back rejected tokens, but memory writes cannot be rolled back",
+}
+
+
+def _on_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Top-level forward pre-hook: one call boundary (outside every checkpointed region)."""
+    runtime.begin_call(kwargs, training=module.training)
+    return args, kwargs
+
+
+class DeltaMemModel(BaseTuner):
+    """Creates δ-mem layers in a pretrained transformers model (use through ``get_peft_model``).
+
+    Besides the usual tuner API it exposes the memory: :meth:`reset_memory`,
+    :meth:`get_memory_state`, :meth:`set_memory_state`, :meth:`memory_writes` and
+    :meth:`memory_episode` (all reachable from the ``PeftModel``).
+    """
+
+    prefix: str = "delta_mem_"
+    tuner_layer_cls = DeltaMemLayer
+    target_module_mapping = {model_type: [layout[0]] for model_type, layout in ATTENTION_LAYOUTS.items()}
+
+    # ------------------------------------------------------------------------------------- injection
+
+    def _pre_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
+        existing = [m for m in model.modules() if isinstance(m, DeltaMemLayer)]
+        self.memory_runtime = existing[0].runtime if existing else MemoryRuntime()
+
+    def _post_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
+        hooks = model._forward_pre_hooks.values()
+        if not any(isinstance(h, functools.partial) and h.func is _on_model_call for h in hooks):
+            model.register_forward_pre_hook(functools.partial(_on_model_call, self.memory_runtime), with_kwargs=True)
+
+    def _prepare_adapter_config(self, peft_config: DeltaMemConfig, model_config: dict) -> DeltaMemConfig:
+        if not isinstance(peft_config, DeltaMemConfig):
+            raise TypeError(f"DeltaMemModel needs a DeltaMemConfig, got {type(peft_config).__name__}.")
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_target_modules(model_config)
+        else:
+            check_model_supported(model_config)
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: DeltaMemConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        if isinstance(target, DeltaMemLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(f"{current_key} is already wrapped by another PEFT method ({type(target).__name__}).")
+        layout = resolve_layout(target, current_key, self.get_model_config(self.model), peft_config.projection_names)
+        new_module = DeltaMemLayer(target, layout, self.memory_runtime, current_key)
+        new_module.update_layer(adapter_name, peft_config)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # The default assumes a Linear-like layer; an attention wrapper only needs swapping in or out.
+        setattr(parent, child_name, new_module)
+        if isinstance(child, DeltaMemLayer):  # unloading
+            child.remove_projection_hooks()
+            child.runtime.layers.pop(child.layer_name, None)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if isinstance(hook, functools.partial) and hook.func is _on_model_call:
+                del model._forward_pre_hooks[key]
+                model._forward_pre_hooks_with_kwargs.pop(key, None)
+        return model
+
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """Entered by ``PeftModel.forward`` and ``PeftModel.generate``: refuse what the memory cannot follow."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "δ-mem does not support mixed-adapter batches (adapter_names=...): each adapter keeps its own "
+                "memory per batch row. Use set_adapter() and run one adapter per call."
+            )
+        generation_config = kwargs.get("generation_config")
+        for name, why in _UNSUPPORTED_GENERATION.items():
+            value = kwargs.get(name, getattr(generation_config, name, None))
+            if value is not None and value is not False and not (name in ("num_beams", "num_beam_groups") and value == 1):
+                raise NotImplementedError(f"δ-mem cannot run generate() with {name}={value!r}: {why}. Use greedy or sampling.")
+        runtime = self.memory_runtime
+        previous = (runtime.generation_calls, runtime.write_generated_tokens)
+        runtime.generation_calls = 0
+        runtime.write_generated_tokens = all(
+            self.peft_config[a].write_generated_tokens for a in self.active_adapters if a in self.peft_config
+        )
+        try:
+            yield
+        finally:
+            runtime.generation_calls, runtime.write_generated_tokens = previous
+
+    # ---------------------------------------------------------------------------------------- memory
+
+    def _memory_layers(self) -> list[DeltaMemLayer]:
+        return [m for m in self.model.modules() if isinstance(m, DeltaMemLayer)]
+
+    def _adapter(self, adapter_name: str | None) -> str:
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}.")
+        return name
+
+    def reset_memory(self, rows: Sequence[int] | torch.Tensor | None = None, adapter_name: str | None = None) -> None:
+        """Empty the memory: all of it (``rows=None``) or only the given batch rows, for one adapter or all."""
+        self.memory_runtime.commit()
+        adapters = [self._adapter(adapter_name)] if adapter_name else list(self.peft_config)
+        for layer in self._memory_layers():
+            for adapter in adapters:
+                state = layer.memory.get(adapter)
+                if rows is None or state is None:
+                    layer.memory[adapter] = None
+                    continue
+                index = torch.as_tensor(rows, dtype=torch.long)
+                if index.numel() and (index.min() < -state.shape[0] or index.max() >= state.shape[0]):
+                    raise IndexError(f"reset_memory rows {index.tolist()} out of range for batch size {state.shape[0]}.")
+                state = state.clone()
+                state[index.to(state.device)] = 0.0
+                layer.memory[adapter] = state
+
+    def get_memory_state(self, adapter_name: str | None = None) -> MemoryState:
+        """A detached float32 snapshot of the memory of ``adapter_name`` (default: the active adapter)."""
+        self.memory_runtime.commit()
+        adapter = self._adapter(adapter_name)
+        layers = [layer for layer in self._memory_layers() if adapter in layer.settings]
+        tensors = {layer.layer_name: layer.memory.get(adapter) for layer in layers}
+        present = [t for t in tensors.values() if t is not None]
+        if present:
+            template = present[0]
+            tensors = {n: (t if t is not None else torch.zeros_like(template)) for n, t in tensors.items()}
+            tensors = {n: t.detach().clone().float() for n, t in tensors.items()}
+        else:
+            tensors = {}
+        return self._describe(adapter, [layer.layer_name for layer in layers], tensors)
+
+    def _describe(self, adapter: str, layer_names: list[str], tensors: dict[str, torch.Tensor]) -> MemoryState:
+        config: DeltaMemConfig = self.peft_config[adapter]
+        return MemoryState(
+            adapter_name=adapter,
+            r=config.r,
+            num_state_heads=config.num_state_heads,
+            delta_heads=tuple(config.delta_heads),
+            write_granularity=config.write_granularity,
+            layers=tuple(layer_names),
+            config_hash=config.fingerprint(),
+            states=tensors,
+        )
+
+    def set_memory_state(self, state: MemoryState, adapter_name: str | None = None) -> None:
+        """Replace the memory of ``adapter_name`` (default: ``state.adapter_name`` if loaded, else the active one)."""
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"set_memory_state expects a MemoryState, got {type(state).__name__}.")
+        if adapter_name is None:
+            adapter_name = state.adapter_name if state.adapter_name in self.peft_config else None
+        adapter = self._adapter(adapter_name)
+        layers = [layer for layer in self._memory_layers() if adapter in layer.settings]
+        expected = self._describe(adapter, [layer.layer_name for layer in layers], {})
+        for name in ("r", "num_state_heads", "delta_heads", "write_granularity", "layers", "config_hash"):
+            if getattr(state, name) != getattr(expected, name):
+                raise ValueError(
+                    f"This memory state does not fit adapter {adapter!r}: its {name} is {getattr(state, name)!r} but "
+                    f"the adapter has {getattr(expected, name)!r}. A state can only be restored into the adapter "
+                    "configuration that wrote it."
+                )
+        state.validate_tensors()
+        self.memory_runtime.commit()
+        for layer in layers:
+            tensor = state.states.get(layer.layer_name)
+            if tensor is not None:
+                device = layer.delta_mem_write[adapter].weight.device
+                tensor = tensor.detach().to(device=device, dtype=torch.float32).clone()
+            layer.memory[adapter] = tensor
+
+    @contextlib.contextmanager
+    def memory_writes(self, enabled: bool) -> Iterator[None]:
+        """Switch memory writes on or off for the calls inside the block (reads always happen)."""
+        previous = self.memory_runtime.writes_enabled
+        self.memory_runtime.writes_enabled = bool(enabled)
+        try:
+            yield
+        finally:
+            self.memory_runtime.writes_enabled = previous
+
+    @contextlib.contextmanager
+    def memory_episode(self) -> Iterator[None]:
+        """A training episode: start from an empty memory and carry it, with its graph, across the calls inside.
+
+        Outside an episode a model in training mode starts every forward from an empty memory.
+        """
+        self.reset_memory()
+        self.memory_runtime.episode_depth += 1
+        try:
+            yield
+        finally:
+            self.memory_runtime.episode_depth -= 1
+            self.reset_memory()
