@@ -1,0 +1,93 @@
+"""The δ-mem memory scan: one entry point, several implementations.
+
+``delta_rule(...)`` is what the adapter layers call. ``impl`` picks an implementation by name;
+``None`` means the process-wide default (``"auto"`` unless changed with :func:`use_impl`).
+Every implementation has the signature and semantics of :func:`naive.naive_delta_rule`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .naive import naive_delta_rule
+
+ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+IMPLEMENTATIONS: dict[str, ScanFn] = {"naive": naive_delta_rule}
+_default_impl = "auto"
+
+
+def _auto(q: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return naive_delta_rule(q, *args, **kwargs)
+
+
+IMPLEMENTATIONS["auto"] = _auto
+
+
+def _resolve(impl: str | None) -> ScanFn:
+    name = _default_impl if impl is None else impl
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown δ-mem scan implementation {name!r}; choose one of {sorted(IMPLEMENTATIONS)}.")
+    return IMPLEMENTATIONS[name]
+
+
+@contextlib.contextmanager
+def use_impl(name: str) -> Iterator[None]:
+    """Temporarily make ``name`` the default scan implementation (for tests and benchmarks)."""
+    global _default_impl
+    _resolve(name)
+    previous, _default_impl = _default_impl, name
+    try:
+        yield
+    finally:
+        _default_impl = previous
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor,
+    write_mask: torch.Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read-before-write gated delta rule scan; see :mod:`peft_deltamem.ops.naive` for shapes."""
+    return _resolve(impl)(q, k, v, beta, initial_state, write_mask)
+
+
+def delta_rule_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor,
+    write_mask: torch.Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """States *before* each step, ``(B, H, T, r, r)``, and the final state.
+
+    Reading with the r basis vectors as queries returns the r columns of each state, so any
+    scan implementation gives the states without a second code path (used by segment writes,
+    where T is the number of segments).
+    """
+    b, h, t, r = k.shape
+    eye = torch.eye(r, device=k.device, dtype=k.dtype)
+    q = eye.view(1, 1, r, 1, r).expand(b, h, r, t, r).reshape(b, h * r, t, r)
+
+    def fold(x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(2).expand(b, h, r, *x.shape[2:]).reshape(b, h * r, *x.shape[2:])
+
+    reads, final = delta_rule(q, fold(k), fold(v), fold(beta), fold(initial_state), write_mask, impl=impl)
+    # reads[b, h*r + i, t] = S_{t-1} e_i = column i of the state before step t
+    states = reads.view(b, h, r, t, r).permute(0, 1, 3, 4, 2)
+    return states, final.view(b, h, r, r, r)[:, :, 0]
+
+
+def read_only(q: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Reads of a call that does not write: every step reads the same state. Returns float32 (B, H, T, r)."""
+    return torch.einsum("bhij,bhtj->bhti", state.float(), q.float())

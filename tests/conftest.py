@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models built from configs; no downloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import peft_deltamem  # noqa: E402,F401  (registers DELTA_MEM)
+from peft_deltamem.tiny_models import tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+def make_peft(base=None, **config_kwargs):
+    """A PEFT model with random (non-zero) Δ heads so the memory visibly changes outputs."""
+    from peft import get_peft_model
+
+    config_kwargs.setdefault("init_weights", False)
+    model = get_peft_model(base if base is not None else tiny_model("llama"), peft_deltamem.DeltaMemConfig(**config_kwargs))
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
