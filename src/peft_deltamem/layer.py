@@ -247,7 +247,18 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
         write_mask = self._write_mask(valid, record, x.shape[0], x.shape[1])
+        self._report_write_gate(record, beta, write_mask)
         return ops.delta_rule(q, k, v, beta, state, write_mask)
+
+    @staticmethod
+    def _report_write_gate(record: CallRecord, beta: torch.Tensor, write_mask: torch.Tensor | None) -> None:
+        if record.write_gate_stats is None:
+            return
+        if write_mask is None:
+            record.write_gate_stats.append(beta.float().mean())
+            return
+        weights = write_mask[:, None, :, None].to(beta.dtype).expand_as(beta)
+        record.write_gate_stats.append((beta * weights).sum().float() / weights.sum().clamp(min=1).float())
 
     def _segment_scan(self, adapter, x, state, valid, record):
         """SSW: each segment's mean hidden state is written once; a token reads the state before its segment."""
@@ -286,6 +297,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         _, k, v, gate = (self._heads(p, settings) for p in F.linear(pooled, weight).split(width, dim=-1))
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
+        self._report_write_gate(record, beta, segment_valid)
         states, final = ops.delta_rule_states(k, v, beta, state, segment_valid)
         index = segment.clamp(min=0).view(batch, 1, length, 1, 1).expand(-1, settings.num_state_heads, -1, settings.r, settings.r)
         before = states.gather(2, index)

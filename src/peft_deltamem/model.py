@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from .architectures import ATTENTION_LAYOUTS, check_model_supported, default_target_modules, resolve_layout
 from .config import DeltaMemConfig
 from .layer import MERGE_ERROR, DeltaMemLayer
-from .runtime import MemoryRuntime
+from .runtime import SEGMENT_IDS_KWARG, MemoryRuntime
 from .state import MemoryState
 
 _UNSUPPORTED_GENERATION = {
@@ -31,6 +32,17 @@ def _on_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwarg
     return args, kwargs
 
 
+def _after_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwargs: dict, output):
+    """Top-level forward hook: add pending loss terms (the write-sparsity penalty) to the call's loss."""
+    if not runtime.pending_loss_terms:
+        return output
+    if getattr(output, "loss", None) is None:
+        raise ValueError("write_sparsity_weight > 0 needs a loss: pass labels with the visible stream.")
+    output.loss = output.loss + sum(t.to(output.loss.device) for t in runtime.pending_loss_terms)
+    runtime.pending_loss_terms.clear()
+    return output
+
+
 class DeltaMemModel(BaseTuner):
     """Creates δ-mem layers in a pretrained transformers model (use through ``get_peft_model``).
 
@@ -43,6 +55,68 @@ class DeltaMemModel(BaseTuner):
     tuner_layer_cls = DeltaMemLayer
     target_module_mapping = {model_type: [layout[0]] for model_type, layout in ATTENTION_LAYOUTS.items()}
 
+    # ------------------------------------------------------------------------------------- episodes
+
+    def _write_memory_stream(self, kwargs: dict) -> None:
+        """The write half of an episode: run the memory stream with writes on (gradients flow)."""
+        memory_ids = kwargs["memory_input_ids"]
+        if memory_ids.shape[1] == 0:
+            return
+        memory_kwargs = {"input_ids": memory_ids, "attention_mask": kwargs.get("memory_attention_mask"), "use_cache": False}
+        if kwargs.get(SEGMENT_IDS_KWARG) is not None:
+            memory_kwargs[SEGMENT_IDS_KWARG] = kwargs[SEGMENT_IDS_KWARG]
+        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            memory_kwargs["logits_to_keep"] = 1  # the memory pass needs no vocabulary logits
+        stats = self.memory_runtime.track_write_gates()
+        try:
+            with self.memory_writes(True):
+                self.model(**memory_kwargs)
+        finally:
+            self.memory_runtime.stop_tracking()
+        config: DeltaMemConfig = self.peft_config[self.active_adapters[0]]
+        if self.model.training and config.write_sparsity_weight > 0 and stats:
+            mean_beta = torch.stack(stats).mean()
+            penalty = config.write_sparsity_weight * (mean_beta - config.write_sparsity_target) ** 2
+            self.memory_runtime.pending_loss_terms.append(penalty)
+
+    @contextlib.contextmanager
+    def _episode(self, kwargs: dict) -> Iterator[None]:
+        """Entered around a forward/generate whose inputs carry ``memory_input_ids``.
+
+        The episode starts from an empty memory, writes the memory stream (``memory_input_ids``,
+        ``memory_attention_mask``, ``memory_segment_ids``) with gradients flowing through the scan,
+        then lets the visible call run with writes off. Rows whose memory stream is all padding
+        start empty. In training the memory is emptied afterwards; in eval it is kept (detached).
+        """
+        with self.memory_episode(keep_state=not self.model.training), self._checkpointing_without_reentrant():
+            self._write_memory_stream(kwargs)
+            with self.memory_writes(False):
+                yield
+        self.memory_runtime.pending_loss_terms.clear()
+
+    @contextlib.contextmanager
+    def _checkpointing_without_reentrant(self) -> Iterator[None]:
+        """Run checkpointed layers non-reentrantly for the duration of an episode.
+
+        A reentrant checkpoint runs its forward under no_grad and only backpropagates into the
+        layer when its *outputs* receive a gradient; the memory pass's outputs never do (only its
+        state feeds the loss), so its memory parameters would get no gradient. Non-reentrant
+        checkpointing saves the same activations and differentiates the state correctly.
+        """
+        swapped = []
+        for module in self.model.modules():
+            func = module.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(func, functools.partial) and func.keywords.get("use_reentrant", True):
+                module._gradient_checkpointing_func = functools.partial(
+                    func.func, *func.args, **{**func.keywords, "use_reentrant": False}
+                )
+                swapped.append((module, func))
+        try:
+            yield
+        finally:
+            for module, func in swapped:
+                module._gradient_checkpointing_func = func
+
     # ------------------------------------------------------------------------------------- injection
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
@@ -53,6 +127,7 @@ class DeltaMemModel(BaseTuner):
         hooks = model._forward_pre_hooks.values()
         if not any(isinstance(h, functools.partial) and h.func is _on_model_call for h in hooks):
             model.register_forward_pre_hook(functools.partial(_on_model_call, self.memory_runtime), with_kwargs=True)
+            model.register_forward_hook(functools.partial(_after_model_call, self.memory_runtime), with_kwargs=True)
 
     def _prepare_adapter_config(self, peft_config: DeltaMemConfig, model_config: dict) -> DeltaMemConfig:
         if not isinstance(peft_config, DeltaMemConfig):
@@ -94,10 +169,12 @@ class DeltaMemModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        for key, hook in list(model._forward_pre_hooks.items()):
-            if isinstance(hook, functools.partial) and hook.func is _on_model_call:
-                del model._forward_pre_hooks[key]
-                model._forward_pre_hooks_with_kwargs.pop(key, None)
+        for hooks, flags in ((model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs),
+                             (model._forward_hooks, model._forward_hooks_with_kwargs)):
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, functools.partial) and hook.func in (_on_model_call, _after_model_call):
+                    del hooks[key]
+                    flags.pop(key, None)
         return model
 
     def _check_merge_allowed(self) -> None:
@@ -123,15 +200,17 @@ class DeltaMemModel(BaseTuner):
             if value is not None and value is not False and not (name in ("num_beams", "num_beam_groups") and value == 1):
                 raise NotImplementedError(f"δ-mem cannot run generate() with {name}={value!r}: {why}. Use greedy or sampling.")
         runtime = self.memory_runtime
-        previous = (runtime.generation_calls, runtime.write_generated_tokens)
-        runtime.generation_calls = 0
-        runtime.write_generated_tokens = all(
-            self.peft_config[a].write_generated_tokens for a in self.active_adapters if a in self.peft_config
-        )
-        try:
-            yield
-        finally:
-            runtime.generation_calls, runtime.write_generated_tokens = previous
+        episode = self._episode(kwargs) if kwargs.get("memory_input_ids") is not None else contextlib.nullcontext()
+        with episode:
+            previous = (runtime.generation_calls, runtime.write_generated_tokens)
+            runtime.generation_calls = 0
+            runtime.write_generated_tokens = all(
+                self.peft_config[a].write_generated_tokens for a in self.active_adapters if a in self.peft_config
+            )
+            try:
+                yield
+            finally:
+                runtime.generation_calls, runtime.write_generated_tokens = previous
 
     # ---------------------------------------------------------------------------------------- memory
 
@@ -225,10 +304,11 @@ class DeltaMemModel(BaseTuner):
             self.memory_runtime.writes_enabled = previous
 
     @contextlib.contextmanager
-    def memory_episode(self) -> Iterator[None]:
-        """A training episode: start from an empty memory and carry it, with its graph, across the calls inside.
+    def memory_episode(self, keep_state: bool = False) -> Iterator[None]:
+        """An episode: start from an empty memory and carry it, with its graph, across the calls inside.
 
-        Outside an episode a model in training mode starts every forward from an empty memory.
+        Outside an episode a model in training mode starts every forward from an empty memory. On exit
+        the memory is emptied, or kept (detached) with ``keep_state=True``.
         """
         self.reset_memory()
         self.memory_runtime.episode_depth += 1
@@ -236,4 +316,9 @@ class DeltaMemModel(BaseTuner):
             yield
         finally:
             self.memory_runtime.episode_depth -= 1
-            self.reset_memory()
+            if keep_state:
+                self.memory_runtime.commit()
+                for layer in self._memory_layers():
+                    layer.memory = {a: (s.detach() if s is not None else None) for a, s in layer.memory.items()}
+            else:
+                self.reset_memory()

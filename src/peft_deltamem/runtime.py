@@ -28,6 +28,7 @@ class CallRecord:
     writes: bool  # False: nothing of this call is written
     fresh: bool  # True: the call starts from an empty memory (training)
     keep_graph: bool  # True: keep the autograd graph of the final state (training episodes)
+    write_gate_stats: list | None = None  # where layers report their mean write gate, when tracked
     input_states: dict = field(default_factory=dict)  # (layer name, adapter) -> state read by the call
     final_states: dict = field(default_factory=dict)  # (layer name, adapter) -> state after the call
 
@@ -61,6 +62,16 @@ class MemoryRuntime:
         self.episode_depth = 0  # > 0 inside a training episode (state carried across calls, graph kept)
         self.generation_calls: int | None = None  # calls made inside the current generate(), else None
         self.write_generated_tokens = True
+        self.write_gate_stats: list[torch.Tensor] | None = None  # mean write gate of each writing layer call
+        self.pending_loss_terms: list[torch.Tensor] = []  # added to the next call's loss (write-sparsity penalty)
+
+    def track_write_gates(self) -> list[torch.Tensor]:
+        """Start collecting the mean write gate β of every writing layer call (write-sparsity penalty, logging)."""
+        self.write_gate_stats = []
+        return self.write_gate_stats
+
+    def stop_tracking(self) -> None:
+        self.write_gate_stats = None
 
     def commit(self) -> None:
         """Make the states written by the last call the layers' current states."""
@@ -70,8 +81,18 @@ class MemoryRuntime:
         for (layer_name, adapter), state in record.final_states.items():
             self.layers[layer_name].memory[adapter] = state
 
+    def _adapters_enabled(self) -> bool:
+        return any(not layer.disable_adapters and layer.active_adapters for layer in self.layers.values())
+
     def begin_call(self, kwargs: dict, training: bool) -> CallRecord:
         self.commit()
+        memory_stream = kwargs.pop("memory_input_ids", None)
+        kwargs.pop("memory_attention_mask", None)
+        if memory_stream is not None and self.episode_depth == 0 and self._adapters_enabled():
+            raise ValueError(
+                "memory_input_ids reached the model outside a δ-mem episode. Call the PeftModel (model(...) or "
+                "model.generate(...)), which writes the memory stream first, not its inner transformers model."
+            )
         segment_ids = kwargs.pop(SEGMENT_IDS_KWARG, None)
         write_mask = kwargs.pop(WRITE_MASK_KWARG, None)
         attention_mask = kwargs.get("attention_mask")
@@ -94,6 +115,7 @@ class MemoryRuntime:
             writes=writes,
             fresh=training and not in_episode,
             keep_graph=in_episode,
+            write_gate_stats=self.write_gate_stats,
         )
         self.current = record
         kwargs[CALL_KWARG] = record
