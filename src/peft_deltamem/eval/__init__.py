@@ -1,0 +1,53 @@
+"""Evaluation data and scoring: LoCoMo long-conversation QA and a synthetic long-horizon memory task."""
+
+from .locomo import (
+    LocomoConversation,
+    LocomoEpisode,
+    LocomoFormatError,
+    LocomoQuestion,
+    LocomoSession,
+    LocomoTurn,
+    build_episodes,
+    conversation_to_messages,
+    default_locomo_path,
+    load_locomo,
+    normalize_answer,
+    score_answer,
+    score_predictions,
+    token_f1,
+)
+from .synthetic import (
+    SyntheticEpisode,
+    SyntheticTaskConfig,
+    build_tokenizer,
+    encode_episode,
+    generate_episode,
+    generate_episodes,
+    make_full_context_episode,
+    render_chat,
+)
+
+__all__ = [
+    "LocomoConversation",
+    "LocomoEpisode",
+    "LocomoFormatError",
+    "LocomoQuestion",
+    "LocomoSession",
+    "LocomoTurn",
+    "SyntheticEpisode",
+    "SyntheticTaskConfig",
+    "build_episodes",
+    "build_tokenizer",
+    "conversation_to_messages",
+    "default_locomo_path",
+    "encode_episode",
+    "generate_episode",
+    "generate_episodes",
+    "load_locomo",
+    "make_full_context_episode",
+    "normalize_answer",
+    "render_chat",
+    "score_answer",
+    "score_predictions",
+    "token_f1",
+]
