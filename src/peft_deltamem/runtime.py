@@ -88,6 +88,7 @@ class MemoryRuntime:
         self.commit()
         memory_stream = kwargs.pop("memory_input_ids", None)
         kwargs.pop("memory_attention_mask", None)
+        kwargs.pop("ablation_mode", None)  # informational key of DeltaMemDataCollator batches
         if memory_stream is not None and self.episode_depth == 0 and self._adapters_enabled():
             raise ValueError(
                 "memory_input_ids reached the model outside a δ-mem episode. Call the PeftModel (model(...) or "

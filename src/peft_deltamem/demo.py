@@ -1,0 +1,122 @@
+"""End-to-end demo on an embedded default: no downloads, no GPU, about a minute on a laptop CPU.
+
+1. Build a tiny Llama and teach it to answer "who likes what" from *context*, then freeze it
+   (δ-mem steers a backbone's existing ability to use context; see docs/concepts.md).
+2. Attach δ-mem with ``get_peft_model`` and train only the adapter, with the fact only in *memory*.
+3. Chat: write turns into memory one call at a time, ask a question whose answer is no longer in
+   the context, compare with an empty memory, and show the memory's size.
+4. Save the adapter and the memory, reload both into a fresh model, and ask again.
+
+Run: ``python -m peft_deltamem.demo [--output-dir demo_output] [--steps 600]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from . import DeltaMemConfig, MemoryState
+from .recall_task import VALUES, answer_accuracy, build_tokenizer, sample_batch
+from .tiny_models import tiny_model
+
+
+def train(model, tokenizer, steps: int, in_context: bool, seed: int, lr: float = 3e-3) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = sample_batch(tokenizer, 32, generator, in_context=in_context)
+        batch.pop("answers")
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, seed: int, in_context: bool = False, memory: bool = True) -> float:
+    batch = sample_batch(tokenizer, 256, torch.Generator().manual_seed(seed), in_context=in_context)
+    answers = batch.pop("answers")
+    if not memory:
+        batch.pop("memory_input_ids", None)
+        batch.pop("memory_attention_mask", None)
+        model.reset_memory()
+    return answer_accuracy(model(**batch).logits, answers)
+
+
+@torch.no_grad()
+def ask(model, tokenizer, question: str) -> str:
+    ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
+    with model.memory_writes(False):  # asking does not write the question into memory
+        out = model.generate(input_ids=torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1),
+                             max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, -1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="demo_output", help="where the adapter and memory are saved")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each phase")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    start = time.perf_counter()
+    tokenizer = build_tokenizer()
+
+    print("== 1. A tiny backbone that can answer from context")
+    base = tiny_model("llama", seed=args.seed, vocab_size=len(tokenizer))
+    train(base, tokenizer, args.steps, in_context=True, seed=args.seed)
+    print(f"   accuracy with the fact in context: {evaluate_base(base, tokenizer):.2f} (chance {1 / len(VALUES):.2f})")
+    base.save_pretrained(out / "backbone")
+
+    print("== 2. δ-mem attached to the frozen backbone; only the adapter trains, the fact only in memory")
+    model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
+    model.print_trainable_parameters()
+    train(model, tokenizer, args.steps, in_context=False, seed=args.seed + 1)
+    with_memory = evaluate(model, tokenizer, seed=99)
+    empty = evaluate(model, tokenizer, seed=99, memory=False)
+    print(f"   held-out recall from memory: {with_memory:.2f}; with an empty memory: {empty:.2f}")
+
+    print("== 3. A conversation written into memory one turn at a time")
+    model.reset_memory()
+    turns = ["<bos> today we talked about work", "alice likes teal .", "and then trains and music and lunch",
+             "later we talked about books again", "it was fine ok"]
+    for turn in turns:
+        with torch.no_grad():
+            model(**tokenizer(turn, return_tensors="pt", add_special_tokens=False))
+        print(f"   wrote: {turn!r}")
+    state = model.get_memory_state()
+    answer = ask(model, tokenizer, "alice likes ?")
+    print(f"   Q: alice likes ?  A (from memory): {answer}")
+    n_numbers = sum(t.numel() for t in state.states.values())
+    print(f"   memory: {len(state.states)} layers x {state.num_state_heads} x {state.r}x{state.r} = {n_numbers} "
+          f"float32 numbers ({4 * n_numbers} bytes), the same however long the history")
+    model.reset_memory()
+    print(f"   with an empty memory the model says: {ask(model, tokenizer, 'alice likes ?')}")
+
+    print("== 4. Save adapter + memory, reload into a fresh model")
+    model.save_pretrained(out / "adapter")
+    state.save(out / "session.safetensors", overwrite=True)
+    fresh = PeftModel.from_pretrained(type(base).from_pretrained(out / "backbone"), out / "adapter").eval()
+    fresh.set_memory_state(MemoryState.load(out / "session.safetensors"))
+    print(f"   reloaded model, restored memory: alice likes ? -> {ask(fresh, tokenizer, 'alice likes ?')}")
+    print(f"   saved to {out.resolve()} ({time.perf_counter() - start:.0f} s in all)")
+
+
+def evaluate_base(base, tokenizer) -> float:
+    batch = sample_batch(tokenizer, 256, torch.Generator().manual_seed(99), in_context=True)
+    answers = batch.pop("answers")
+    with torch.no_grad():
+        return answer_accuracy(base(**batch).logits, answers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""A tiny key→value recall task (demo and learning tests): a fact stated among noise, asked later.
+
+Episode: the history ``"<bos> n1 n2 … alice likes red . … nk"`` and the question
+``"alice likes ?"`` whose answer is ``red``. With ``in_context=True`` the history is part of the
+visible sequence (how the backbone learns to answer from context); otherwise it is returned as
+the memory stream and only the question is visible.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
+VALUES = ("red", "blue", "green", "amber", "violet", "teal", "gold", "grey",
+          "pink", "navy", "olive", "coral", "ivory", "lime", "plum", "rust")
+NOISE = ("the", "a", "so", "then", "maybe", "today", "we", "talked", "about", "weather", "work", "lunch",
+         "trains", "music", "books", "later", "again", "and", "it", "was", "fine", "well", "ok", "yes")
+SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
+MARKERS = ("likes", "?", ".")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the task's closed vocabulary (built locally, no downloads)."""
+    vocab = {word: i for i, word in enumerate(SPECIAL + MARKERS + NAMES + VALUES + NOISE)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>")
+
+
+def history_text(name: str, value: str, noise: list[str], position: int) -> str:
+    words = noise[:position] + [name, "likes", value, "."] + noise[position:]
+    return " ".join(["<bos>"] + words)
+
+
+def sample_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    batch_size: int,
+    generator: torch.Generator,
+    noise_words: int = 12,
+    in_context: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A batch of episodes as tensors; ``answers`` holds the answer token ids."""
+    def pick(options, n=None):
+        index = torch.randint(len(options), (n or 1,), generator=generator).tolist()
+        return [options[i] for i in index] if n else options[index[0]]
+
+    histories, questions, answers = [], [], []
+    for _ in range(batch_size):
+        name, value = pick(NAMES), pick(VALUES)
+        position = int(torch.randint(noise_words + 1, (1,), generator=generator))
+        histories.append(history_text(name, value, pick(NOISE, noise_words), position))
+        questions.append(f"{name} likes ?")
+        answers.append(value)
+    history_ids = [tokenizer.convert_tokens_to_ids(h.split()) for h in histories]
+    answer_ids = tokenizer.convert_tokens_to_ids(answers)
+    visible = []
+    for h, q, a in zip(history_ids, questions, answer_ids):
+        prompt = tokenizer.convert_tokens_to_ids(q.split())
+        visible.append((h if in_context else [tokenizer.bos_token_id]) + prompt + [a])
+    batch = {"input_ids": torch.tensor(visible), "answers": torch.tensor(answer_ids)}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -1] = batch["answers"]
+    batch["labels"] = labels
+    if not in_context:
+        batch["memory_input_ids"] = torch.tensor(history_ids)
+        batch["memory_attention_mask"] = torch.ones_like(batch["memory_input_ids"])
+    return batch
+
+
+def answer_accuracy(logits: torch.Tensor, answers: torch.Tensor) -> float:
+    """Share of episodes whose most likely next token after the question is the answer."""
+    return (logits[:, -2].argmax(-1) == answers).float().mean().item()
