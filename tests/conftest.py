@@ -24,7 +24,9 @@ def make_peft(base=None, **config_kwargs):
     from peft import get_peft_model
 
     config_kwargs.setdefault("init_weights", False)
-    model = get_peft_model(base if base is not None else tiny_model("llama"), peft_deltamem.DeltaMemConfig(**config_kwargs))
+    model = get_peft_model(
+        base if base is not None else tiny_model("llama"), peft_deltamem.DeltaMemConfig(**config_kwargs)
+    )
     return model.eval()
 
 

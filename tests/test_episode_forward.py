@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_peft, random_ids
 
+from conftest import make_peft, random_ids
 from peft_deltamem.tiny_models import tiny_model
 
 
@@ -16,8 +16,13 @@ def episode_batch(seed=0):
     visible = random_ids(2, 6, seed=seed + 1)
     labels = visible.clone()
     labels[:, :3] = -100
-    return dict(memory_input_ids=memory, memory_attention_mask=memory_mask, input_ids=visible,
-                attention_mask=torch.ones_like(visible), labels=labels)
+    return dict(
+        memory_input_ids=memory,
+        memory_attention_mask=memory_mask,
+        input_ids=visible,
+        attention_mask=torch.ones_like(visible),
+        labels=labels,
+    )
 
 
 def test_episode_forward_equals_manual_write_then_read():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_peft, random_ids
 from transformers import DynamicCache
 
+from conftest import make_peft, random_ids
 from peft_deltamem.tiny_models import tiny_model
 
 NEW = 6
@@ -66,12 +66,14 @@ def test_memory_changes_what_is_generated():
     model = peft_for_generation()
     prompt = random_ids(1, 5)
     with torch.no_grad():
-        empty = model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True)
+        empty = model.generate(
+            input_ids=prompt, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         model.reset_memory()
         model(input_ids=random_ids(1, 30, seed=9))
-        full = model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
+        full = model.generate(
+            input_ids=prompt, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     assert (empty.logits[0] - full.logits[0]).abs().max() > 1e-4
 
 
@@ -81,8 +83,15 @@ def test_sampling_generate_equals_manual_sampling_loop():
     mask = torch.ones_like(prompt)
     torch.manual_seed(123)
     with torch.no_grad():
-        generated = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=NEW, do_sample=True,
-                                   top_k=0, top_p=1.0, temperature=1.0)
+        generated = model.generate(
+            input_ids=prompt,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+        )
     model.reset_memory()
     manual = manual_loop(model, prompt, mask, sample_seed=123)
     assert torch.equal(generated[:, prompt.shape[1] :], manual)

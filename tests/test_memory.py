@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_peft, random_ids
 from transformers import DynamicCache
 
+from conftest import make_peft, random_ids
 from peft_deltamem.tiny_models import tiny_model
 
 ATOL = 1e-5
@@ -84,7 +84,9 @@ def test_correction_is_scale_times_delta_of_read_before_write():
         state = reference_token_state(layer, x[:t])[0] if t else torch.zeros(r, r, dtype=torch.float64)
         reads.append(state @ F.normalize(torch.tanh(w_q @ x[t].double()), dim=0))
     delta_q = layer.delta_mem_out["default"].weight[: q_proj.out_features].double()
-    expected = x.double() @ q_proj.weight.double().T + layer.settings["default"].scaling * torch.stack(reads) @ delta_q.T
+    expected = (
+        x.double() @ q_proj.weight.double().T + layer.settings["default"].scaling * torch.stack(reads) @ delta_q.T
+    )
     torch.testing.assert_close(seen["q"][0].double(), expected, atol=1e-5, rtol=1e-4)
 
 

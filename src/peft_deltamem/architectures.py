@@ -71,7 +71,9 @@ def default_target_modules(model_config: dict) -> list[str]:
     check_model_supported(model_config)
     model_type = model_config.get("model_type")
     if model_type not in ATTENTION_LAYOUTS:
-        raise ValueError(f"δ-mem does not know where the attention blocks of model type {model_type!r} are. " + _how_to_target())
+        raise ValueError(
+            f"δ-mem does not know where the attention blocks of model type {model_type!r} are. " + _how_to_target()
+        )
     return [ATTENTION_LAYOUTS[model_type][0]]
 
 
@@ -103,7 +105,9 @@ def _features(module: nn.Module) -> tuple[int, int]:
     raise ValueError(f"δ-mem cannot read the in/out features of projection {type(module).__name__}.")
 
 
-def resolve_layout(attention: nn.Module, module_name: str, model_config: dict, projection_names: dict | None) -> AttentionLayout:
+def resolve_layout(
+    attention: nn.Module, module_name: str, model_config: dict, projection_names: dict | None
+) -> AttentionLayout:
     """Find the projections of ``attention`` (config override, then model-type map, then standard names)."""
     if getattr(attention, "is_cross_attention", False):
         raise ValueError(f"{module_name} is a cross-attention block; δ-mem only adapts causal self-attention.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft import PeftConfig
 
@@ -41,23 +41,23 @@ class DeltaMemConfig(PeftConfig):
         },
     )
     beta_bias_init: float = field(default=-1.5, metadata={"help": "Initial write-gate bias (sigmoid(-1.5) ~ 0.18)."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Attention modules to adapt (names or a regex). None: detected from the model type "
             "(see `peft_deltamem.architectures`)."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex to leave out."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt the attention blocks of these layer indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list, used with `layers_to_transform` (e.g. 'layers')."}
     )
-    projection_names: Optional[dict[str, str]] = field(
+    projection_names: dict[str, str] | None = field(
         default=None,
         metadata={
             "help": "Names of the attention's projection children, overriding the per-model-type map, e.g. "
@@ -76,10 +76,10 @@ class DeltaMemConfig(PeftConfig):
         metadata={"help": "Weight of the optional write-sparsity penalty weight * (mean beta - target)^2 in training."},
     )
     write_sparsity_target: float = field(default=0.05, metadata={"help": "Target mean write gate of that penalty."})
-    target_parameters: Optional[list[str]] = field(
+    target_parameters: list[str] | None = field(
         default=None, metadata={"help": "Not supported by δ-mem; must stay None."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save next to the adapter."}
     )
 
@@ -105,7 +105,11 @@ class DeltaMemConfig(PeftConfig):
         if unknown or len(set(self.delta_heads)) != len(self.delta_heads):
             raise bad("delta_heads", f"each entry must be one of {HEADS}, at most once.")
         self.delta_heads = tuple(h for h in HEADS if h in self.delta_heads)
-        if isinstance(self.num_state_heads, bool) or not isinstance(self.num_state_heads, int) or self.num_state_heads < 1:
+        if (
+            isinstance(self.num_state_heads, bool)
+            or not isinstance(self.num_state_heads, int)
+            or self.num_state_heads < 1
+        ):
             raise bad("num_state_heads", "must be an integer >= 1 (1 = one memory, > 1 = MSW).")
         if self.write_granularity not in GRANULARITIES:
             raise bad("write_granularity", f"choose one of {GRANULARITIES}.")
@@ -115,7 +119,11 @@ class DeltaMemConfig(PeftConfig):
             raise bad("layers_pattern", "it only has an effect together with layers_to_transform.")
         if self.projection_names is not None:
             keys = set(self.projection_names)
-            if not keys <= {"q", "k", "v", "o", "qkv"} or "o" not in keys or not ({"q", "k", "v"} <= keys or "qkv" in keys):
+            if (
+                not keys <= {"q", "k", "v", "o", "qkv"}
+                or "o" not in keys
+                or not ({"q", "k", "v"} <= keys or "qkv" in keys)
+            ):
                 raise bad(
                     "projection_names",
                     "give 'o' and either 'q', 'k', 'v' or a fused 'qkv', e.g. {'qkv': 'qkv_proj', 'o': 'o_proj'}.",
@@ -141,6 +149,8 @@ class DeltaMemConfig(PeftConfig):
             "write_granularity": self.write_granularity,
             "delta_heads": list(self.delta_heads),
             "layers_to_transform": self.layers_to_transform,
-            "target_modules": sorted(self.target_modules) if isinstance(self.target_modules, (set, list)) else self.target_modules,
+            "target_modules": sorted(self.target_modules)
+            if isinstance(self.target_modules, (set, list))
+            else self.target_modules,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

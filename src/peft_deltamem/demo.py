@@ -55,8 +55,12 @@ def evaluate(model, tokenizer, seed: int, in_context: bool = False, memory: bool
 def ask(model, tokenizer, question: str) -> str:
     ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
     with model.memory_writes(False):  # asking does not write the question into memory
-        out = model.generate(input_ids=torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1),
-                             max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return tokenizer.decode(out[0, -1])
 
 
@@ -87,8 +91,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print("== 3. A conversation written into memory one turn at a time")
     model.reset_memory()
-    turns = ["<bos> today we talked about work", "alice likes teal .", "and then trains and music and lunch",
-             "later we talked about books again", "it was fine ok"]
+    turns = [
+        "<bos> today we talked about work",
+        "alice likes teal .",
+        "and then trains and music and lunch",
+        "later we talked about books again",
+        "it was fine ok",
+    ]
     for turn in turns:
         with torch.no_grad():
             model(**tokenizer(turn, return_tensors="pt", add_special_tokens=False))
@@ -97,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     answer = ask(model, tokenizer, "alice likes ?")
     print(f"   Q: alice likes ?  A (from memory): {answer}")
     n_numbers = sum(t.numel() for t in state.states.values())
-    print(f"   memory: {len(state.states)} layers x {state.num_state_heads} x {state.r}x{state.r} = {n_numbers} "
-          f"float32 numbers ({4 * n_numbers} bytes), the same however long the history")
+    print(
+        f"   memory: {len(state.states)} layers x {state.num_state_heads} x {state.r}x{state.r} = {n_numbers} "
+        f"float32 numbers ({4 * n_numbers} bytes), the same however long the history"
+    )
     model.reset_memory()
     print(f"   with an empty memory the model says: {ask(model, tokenizer, 'alice likes ?')}")
 

@@ -226,7 +226,9 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         batch, length, _ = projected.shape
         return projected.view(batch, length, settings.num_state_heads, settings.r).transpose(1, 2)
 
-    def _write_mask(self, valid: torch.Tensor | None, record: CallRecord, batch: int, length: int) -> torch.Tensor | None:
+    def _write_mask(
+        self, valid: torch.Tensor | None, record: CallRecord, batch: int, length: int
+    ) -> torch.Tensor | None:
         user = record.tail(record.write_mask, batch, length, "memory_write_mask")
         if user is None:
             return valid
@@ -299,7 +301,11 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
         self._report_write_gate(record, beta, segment_valid)
         states, final = ops.delta_rule_states(k, v, beta, state, segment_valid)
-        index = segment.clamp(min=0).view(batch, 1, length, 1, 1).expand(-1, settings.num_state_heads, -1, settings.r, settings.r)
+        index = (
+            segment.clamp(min=0)
+            .view(batch, 1, length, 1, 1)
+            .expand(-1, settings.num_state_heads, -1, settings.r, settings.r)
+        )
         before = states.gather(2, index)
         return torch.einsum("bhtij,bhtj->bhti", before, q.float()), final
 

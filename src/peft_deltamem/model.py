@@ -17,12 +17,14 @@ from .layer import MERGE_ERROR, DeltaMemLayer
 from .runtime import SEGMENT_IDS_KWARG, MemoryRuntime
 from .state import MemoryState
 
+_REORDERS = "beam search reorders batch rows, but the memory state cannot be reordered"
+_ROLLS_BACK = "{} rolls back rejected tokens, but memory writes cannot be rolled back"
 _UNSUPPORTED_GENERATION = {
-    "num_beams": "beam search reorders batch rows, but the memory state cannot be reordered",
-    "num_beam_groups": "beam search reorders batch rows, but the memory state cannot be reordered",
-    "assistant_model": "assisted decoding rolls back rejected tokens, but memory writes cannot be rolled back",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding rolls back rejected tokens, but memory writes cannot be rolled back",
-    "assistant_early_exit": "self-speculative decoding rolls back rejected tokens, but memory writes cannot be rolled back",
+    "num_beams": _REORDERS,
+    "num_beam_groups": _REORDERS,
+    "assistant_model": _ROLLS_BACK.format("assisted decoding"),
+    "prompt_lookup_num_tokens": _ROLLS_BACK.format("prompt-lookup decoding"),
+    "assistant_early_exit": _ROLLS_BACK.format("self-speculative decoding"),
 }
 
 
@@ -62,7 +64,11 @@ class DeltaMemModel(BaseTuner):
         memory_ids = kwargs["memory_input_ids"]
         if memory_ids.shape[1] == 0:
             return
-        memory_kwargs = {"input_ids": memory_ids, "attention_mask": kwargs.get("memory_attention_mask"), "use_cache": False}
+        memory_kwargs = {
+            "input_ids": memory_ids,
+            "attention_mask": kwargs.get("memory_attention_mask"),
+            "use_cache": False,
+        }
         if kwargs.get(SEGMENT_IDS_KWARG) is not None:
             memory_kwargs[SEGMENT_IDS_KWARG] = kwargs[SEGMENT_IDS_KWARG]
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
@@ -165,12 +171,16 @@ class DeltaMemModel(BaseTuner):
             child.remove_projection_hooks()
             child.runtime.layers.pop(child.layer_name, None)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        for hooks, flags in ((model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs),
-                             (model._forward_hooks, model._forward_hooks_with_kwargs)):
+        for hooks, flags in (
+            (model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs),
+            (model._forward_hooks, model._forward_hooks_with_kwargs),
+        ):
             for key, hook in list(hooks.items()):
                 if isinstance(hook, functools.partial) and hook.func in (_on_model_call, _after_model_call):
                     del hooks[key]
@@ -197,8 +207,14 @@ class DeltaMemModel(BaseTuner):
         generation_config = kwargs.get("generation_config")
         for name, why in _UNSUPPORTED_GENERATION.items():
             value = kwargs.get(name, getattr(generation_config, name, None))
-            if value is not None and value is not False and not (name in ("num_beams", "num_beam_groups") and value == 1):
-                raise NotImplementedError(f"δ-mem cannot run generate() with {name}={value!r}: {why}. Use greedy or sampling.")
+            if (
+                value is not None
+                and value is not False
+                and not (name in ("num_beams", "num_beam_groups") and value == 1)
+            ):
+                raise NotImplementedError(
+                    f"δ-mem cannot run generate() with {name}={value!r}: {why}. Use greedy or sampling."
+                )
         runtime = self.memory_runtime
         episode = self._episode(kwargs) if kwargs.get("memory_input_ids") is not None else contextlib.nullcontext()
         with episode:
@@ -235,7 +251,9 @@ class DeltaMemModel(BaseTuner):
                     continue
                 index = torch.as_tensor(rows, dtype=torch.long)
                 if index.numel() and (index.min() < -state.shape[0] or index.max() >= state.shape[0]):
-                    raise IndexError(f"reset_memory rows {index.tolist()} out of range for batch size {state.shape[0]}.")
+                    raise IndexError(
+                        f"reset_memory rows {index.tolist()} out of range for batch size {state.shape[0]}."
+                    )
                 state = state.clone()
                 state[index.to(state.device)] = 0.0
                 layer.memory[adapter] = state

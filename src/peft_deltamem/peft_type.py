@@ -3,5 +3,5 @@
 from enum import Enum
 
 
-class DeltaMemPeftType(str, Enum):
+class DeltaMemPeftType(str, Enum):  # noqa: UP042  (same base classes as peft's PeftType)
     DELTA_MEM = "DELTA_MEM"

@@ -13,10 +13,50 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
-VALUES = ("red", "blue", "green", "amber", "violet", "teal", "gold", "grey",
-          "pink", "navy", "olive", "coral", "ivory", "lime", "plum", "rust")
-NOISE = ("the", "a", "so", "then", "maybe", "today", "we", "talked", "about", "weather", "work", "lunch",
-         "trains", "music", "books", "later", "again", "and", "it", "was", "fine", "well", "ok", "yes")
+VALUES = (
+    "red",
+    "blue",
+    "green",
+    "amber",
+    "violet",
+    "teal",
+    "gold",
+    "grey",
+    "pink",
+    "navy",
+    "olive",
+    "coral",
+    "ivory",
+    "lime",
+    "plum",
+    "rust",
+)
+NOISE = (
+    "the",
+    "a",
+    "so",
+    "then",
+    "maybe",
+    "today",
+    "we",
+    "talked",
+    "about",
+    "weather",
+    "work",
+    "lunch",
+    "trains",
+    "music",
+    "books",
+    "later",
+    "again",
+    "and",
+    "it",
+    "was",
+    "fine",
+    "well",
+    "ok",
+    "yes",
+)
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 MARKERS = ("likes", "?", ".")
 
@@ -26,8 +66,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {word: i for i, word in enumerate(SPECIAL + MARKERS + NAMES + VALUES + NOISE)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<bos>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
 
 
 def history_text(name: str, value: str, noise: list[str], position: int) -> str:
@@ -43,6 +84,7 @@ def sample_batch(
     in_context: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A batch of episodes as tensors; ``answers`` holds the answer token ids."""
+
     def pick(options, n=None):
         index = torch.randint(len(options), (n or 1,), generator=generator).tolist()
         return [options[i] for i in index] if n else options[index[0]]

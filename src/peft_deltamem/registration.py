@@ -28,8 +28,8 @@ def register() -> None:
         current = table.get(peft_type)
         if current is not None and not _same_class(current, cls):
             raise KeyError(
-                f"peft already maps {peft_type.value!r} to {current.__module__}.{current.__qualname__} in {table_name}; "
-                "another package registered a PEFT type with the same name."
+                f"peft already maps {peft_type.value!r} to {current.__module__}.{current.__qualname__} in "
+                f"{table_name}; another package registered a PEFT type with the same name."
             )
     for other_type, prefix in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if prefix == PREFIX and other_type != peft_type:

@@ -80,7 +80,9 @@ class MemoryState:
                 metadata = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); was it truncated or corrupted?") from err
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({err}); was it truncated or corrupted?"
+            ) from err
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is a safetensors file but not a δ-mem memory state (no '{FORMAT}' metadata).")
         if metadata.get("format_version") != str(FORMAT_VERSION):

@@ -47,8 +47,15 @@ def tiny_config(
         raise ValueError(f"No tiny config for {model_type!r}; choose one of {TINY_FAMILIES}.")
     cls = getattr(transformers, _CONFIG_CLASSES[model_type])
     if model_type == "gpt2":
-        kwargs = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, vocab_size=vocab_size,
-                      n_positions=4096, bos_token_id=1, eos_token_id=2)
+        kwargs = dict(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            vocab_size=vocab_size,
+            n_positions=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     else:
         kwargs = dict(
             hidden_size=hidden_size,

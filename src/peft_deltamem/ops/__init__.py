@@ -2,7 +2,12 @@
 
 ``delta_rule(...)`` is what the adapter layers call. ``impl`` picks an implementation by name;
 ``None`` means the process-wide default (``"auto"`` unless changed with :func:`use_impl`).
-Every implementation has the signature and semantics of :func:`naive.naive_delta_rule`.
+Every implementation has the signature and semantics of :func:`naive.naive_delta_rule`:
+
+* ``"naive"``: the readable step-by-step oracle.
+* ``"fused_recurrent"``: the step form, fewest ops per step; for decoding (T of 1 or a few).
+* ``"chunk"``: chunk-parallel WY form with a log-depth scan across chunks; for prefill / training.
+* ``"auto"``: ``fused_recurrent`` up to :data:`AUTO_RECURRENT_MAX_T` steps, ``chunk`` beyond.
 """
 
 from __future__ import annotations
@@ -12,16 +17,28 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .chunk import chunk_delta_rule
+from .fused_recurrent import fused_recurrent_delta_rule
 from .naive import naive_delta_rule
 
 ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-IMPLEMENTATIONS: dict[str, ScanFn] = {"naive": naive_delta_rule}
+IMPLEMENTATIONS: dict[str, ScanFn] = {
+    "naive": naive_delta_rule,
+    "chunk": chunk_delta_rule,
+    "fused_recurrent": fused_recurrent_delta_rule,
+}
 _default_impl = "auto"
+
+# Up to this many steps the step form beats the chunk form (its fixed cost is a few dozen ops);
+# measured with scripts/bench_scan.py on a 2-core CPU, B=1, H=1, r=8: see AUTO_NOTE below.
+AUTO_RECURRENT_MAX_T = 8
 
 
 def _auto(q: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    return naive_delta_rule(q, *args, **kwargs)
+    if q.shape[2] <= AUTO_RECURRENT_MAX_T:
+        return fused_recurrent_delta_rule(q, *args, **kwargs)
+    return chunk_delta_rule(q, *args, **kwargs)
 
 
 IMPLEMENTATIONS["auto"] = _auto
