@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,6 +13,21 @@ from peft import PeftConfig
 from .peft_type import DeltaMemPeftType
 
 HEADS = ("q", "k", "v", "o")
+MODEL_CARD_MARKER = "<!-- peft-deltamem -->"
+MODEL_CARD_NOTE = f"""
+{MODEL_CARD_MARKER}
+## Loading this δ-mem adapter
+
+This adapter uses the δ-mem method from [peft-deltamem](https://pypi.org/project/peft-deltamem/), which peft
+does not ship. Install it and `import peft_deltamem` before loading, or peft fails with `KeyError: 'DELTA_MEM'`:
+
+```python
+import peft_deltamem  # registers the DELTA_MEM PEFT type
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "<this adapter>")
+```
+"""
 GRANULARITIES = ("token", "segment")
 
 
@@ -131,6 +147,15 @@ class DeltaMemConfig(PeftConfig):
         for name in ("write_sparsity_weight", "write_sparsity_target"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json`` and make sure the directory's model card says how to load δ-mem."""
+        super().save_pretrained(save_directory, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        text = open(card, encoding="utf-8").read() if os.path.exists(card) else ""
+        if MODEL_CARD_MARKER not in text:
+            with open(card, "a", encoding="utf-8") as f:
+                f.write(MODEL_CARD_NOTE)
 
     @property
     def scaling(self) -> float:

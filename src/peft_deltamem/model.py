@@ -134,6 +134,8 @@ class DeltaMemModel(BaseTuner):
         if not any(isinstance(h, functools.partial) and h.func is _on_model_call for h in hooks):
             model.register_forward_pre_hook(functools.partial(_on_model_call, self.memory_runtime), with_kwargs=True)
             model.register_forward_hook(functools.partial(_after_model_call, self.memory_runtime), with_kwargs=True)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["delta-mem", "peft-deltamem"])
 
     def _prepare_adapter_config(self, peft_config: DeltaMemConfig, model_config: dict) -> DeltaMemConfig:
         if not isinstance(peft_config, DeltaMemConfig):
