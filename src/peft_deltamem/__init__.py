@@ -6,6 +6,7 @@
 """
 
 from .config import DeltaMemConfig
+from .hub import push_to_hub
 from .layer import DeltaMemLayer
 from .model import DeltaMemModel
 from .peft_type import DeltaMemPeftType
@@ -14,5 +15,13 @@ from .state import MemoryState
 
 register()
 
-__all__ = ["DeltaMemConfig", "DeltaMemLayer", "DeltaMemModel", "DeltaMemPeftType", "MemoryState", "register"]
+__all__ = [
+    "DeltaMemConfig",
+    "DeltaMemLayer",
+    "DeltaMemModel",
+    "DeltaMemPeftType",
+    "MemoryState",
+    "push_to_hub",
+    "register",
+]
 __version__ = "0.1.0"

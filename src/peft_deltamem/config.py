@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -104,6 +106,10 @@ class DeltaMemConfig(PeftConfig):
         self.peft_type = DeltaMemPeftType.DELTA_MEM
         if isinstance(self.delta_heads, str):
             self.delta_heads = (self.delta_heads,)
+        if not isinstance(self.delta_heads, (list, tuple, set, frozenset)):
+            raise ValueError(
+                f"DeltaMemConfig.delta_heads={self.delta_heads!r} is invalid: give a list of heads from {HEADS}."
+            )
         self.delta_heads = tuple(self.delta_heads)
         self._validate()
 
@@ -111,10 +117,15 @@ class DeltaMemConfig(PeftConfig):
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"DeltaMemConfig.{name}={getattr(self, name)!r} is invalid: {why}")
 
+        def real(value) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad("r", "the memory rank must be a positive integer (the paper uses 8).")
-        if not self.alpha > 0:
-            raise bad("alpha", "the correction scale alpha must be > 0 (the paper uses 16).")
+        if not real(self.alpha) or self.alpha <= 0:
+            raise bad("alpha", "the correction scale alpha must be a finite number > 0 (the paper uses 16).")
+        if not real(self.beta_bias_init):
+            raise bad("beta_bias_init", "the write-gate bias must be a finite number (the paper uses -1.5).")
         if not self.delta_heads:
             raise bad("delta_heads", f"give at least one of {HEADS}.")
         unknown = [h for h in self.delta_heads if h not in HEADS]
@@ -145,8 +156,23 @@ class DeltaMemConfig(PeftConfig):
                     "give 'o' and either 'q', 'k', 'v' or a fused 'qkv', e.g. {'qkv': 'qkv_proj', 'o': 'o_proj'}.",
                 )
         for name in ("write_sparsity_weight", "write_sparsity_target"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, "must be >= 0.")
+            if not real(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be a finite number >= 0.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config; refuse a saved adapter directory whose weights file is missing."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = ("adapter_model.safetensors", "adapter_model.bin")
+        # PeftModel.save_pretrained stores inference_mode=True; a config saved on its own has no weights by design
+        if config.inference_mode and os.path.isdir(directory):
+            if not any(os.path.exists(os.path.join(directory, w)) for w in weights):
+                raise FileNotFoundError(
+                    f"{directory} holds a δ-mem adapter_config.json but no adapter weights ({' or '.join(weights)}); "
+                    "the adapter directory is incomplete. Save it again with model.save_pretrained()."
+                )
+        return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save ``adapter_config.json`` and make sure the directory's model card says how to load δ-mem."""

@@ -8,7 +8,12 @@ import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
 from torch import nn
 
 from .architectures import ATTENTION_LAYOUTS, check_model_supported, default_target_modules, resolve_layout
@@ -188,6 +193,35 @@ class DeltaMemModel(BaseTuner):
                     del hooks[key]
                     flags.pop(key, None)
         return model
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> dict:
+        """Map checkpoint keys to the model and refuse an adapter made for a differently shaped base."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        ours = {k: v for k, v in remapped.items() if cls.prefix in k}
+        missing = sorted(set(expected) - set(ours))
+        unexpected = sorted(set(ours) - set(expected))
+        wrong_shape = [k for k in set(ours) & set(expected) if tuple(ours[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong_shape:
+            details = []
+            if missing:
+                details.append(f"{len(missing)} tensors the base expects are not in the file (e.g. {missing[0]})")
+            if unexpected:
+                details.append(f"{len(unexpected)} tensors in the file do not fit this base (e.g. {unexpected[0]})")
+            if wrong_shape:
+                k = sorted(wrong_shape)[0]
+                details.append(
+                    f"{len(wrong_shape)} tensors have other shapes (e.g. {k}: file {tuple(ours[k].shape)}, "
+                    f"model {tuple(expected[k].shape)})"
+                )
+            raise ValueError(
+                f"This δ-mem adapter does not fit the base model: {'; '.join(details)}. It was trained on a base "
+                "with another number of layers, hidden size or architecture; load it onto the base it was made for "
+                f"({getattr(config, 'base_model_name_or_path', None) or 'see adapter_config.json'})."
+            )
+        return remapped
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)

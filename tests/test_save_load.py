@@ -1,0 +1,694 @@
+"""Save / load of δ-mem adapters (peft, transformers, offline Hub cache, push_to_hub) and of MemoryState files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
+from safetensors.torch import load_file, save_file
+
+from conftest import make_peft, random_ids
+from peft_deltamem import DeltaMemConfig, MemoryState, push_to_hub
+from peft_deltamem.tiny_models import tiny_model
+
+BASE_ID = "tiny-org/tiny-llama"
+HUB_ID = "tiny-org/tiny-deltamem"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def named_base(name: str = BASE_ID, **kwargs):
+    """tiny_model("llama") that looks as if it was loaded from ``name`` (what peft records as the base)."""
+    base = tiny_model("llama", **kwargs)
+    base.config._name_or_path = name
+    base.name_or_path = name
+    return base
+
+
+def trained_adapter(base=None, seed: int = 1, **config_kwargs):
+    """A δ-mem model whose every adapter tensor differs from any fresh initialisation (as after training)."""
+    model = make_peft(base if base is not None else named_base(), **config_kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "delta_mem_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+IDS_1 = random_ids(2, 9, seed=1)
+IDS_2 = random_ids(2, 7, seed=2)
+
+
+def two_calls(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of two calls from an empty memory; the second reads what the first wrote."""
+    model.reset_memory()
+    with torch.no_grad():
+        first = model(IDS_1).logits
+        second = model(IDS_2).logits
+    model.reset_memory()
+    return first, second
+
+
+def assert_same_logits(model, expected: tuple[torch.Tensor, torch.Tensor]) -> None:
+    got = two_calls(model)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(adapter directory, the model that wrote it, its reference logits); read-only: copy before editing."""
+    model = trained_adapter()
+    directory = tmp_path_factory.mktemp("saved") / "adapter"
+    model.save_pretrained(directory)
+    return directory, model, two_calls(model)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- save_pretrained
+
+
+def test_save_pretrained_writes_config_and_safetensors(saved):
+    directory, model, _ = saved
+    assert (directory / "adapter_config.json").is_file()
+    assert (directory / "adapter_model.safetensors").is_file()
+    assert not (directory / "adapter_model.bin").exists()
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DELTA_MEM"
+    assert config["base_model_name_or_path"] == BASE_ID
+    assert config["delta_heads"] == ["q", "o"]
+    assert config["r"] == 8
+    tensors = load_file(directory / "adapter_model.safetensors")
+    assert tensors and all("delta_mem_" in k for k in tensors)
+    assert not any("base_layer" in k or ".default." in k for k in tensors), sorted(tensors)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "delta_mem_" in n)
+    assert sum(t.numel() for t in tensors.values()) == n_params
+
+
+def test_save_pretrained_saves_only_the_adapter_parameters_not_the_memory(tmp_path):
+    model = trained_adapter()
+    with torch.no_grad():
+        model(IDS_1)
+    assert not model.get_memory_state().is_empty
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    expected = {
+        f"base_model.model.model.layers.{i}.self_attn.{name}"
+        for i in range(2)
+        for name in ("delta_mem_write.weight", "delta_mem_beta_bias", "delta_mem_out.weight")
+    }
+    assert set(tensors) == expected
+
+
+def test_model_card_says_import_peft_deltamem(saved):
+    directory, _, _ = saved
+    card = (directory / "README.md").read_text()
+    assert BASE_ID in card
+    assert "import peft_deltamem" in card, "the model card must tell users to `import peft_deltamem` before loading"
+
+
+def test_safe_serialization_false_writes_bin_and_reloads(tmp_path):
+    model = trained_adapter()
+    expected = two_calls(model)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    assert_same_logits(PeftModel.from_pretrained(tiny_model("llama"), tmp_path), expected)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def test_in_process_reload_gives_identical_logits(saved):
+    directory, model, expected = saved
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), directory)
+    assert not loaded.training
+    assert type(loaded.peft_config["default"]) is DeltaMemConfig
+    assert_same_logits(loaded, expected)
+    assert_same_logits(model, expected)  # the original after reset_memory, again
+
+
+def test_reload_restores_every_adapter_tensor(saved):
+    directory, model, _ = saved
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), directory)
+    original = {n: p for n, p in model.named_parameters() if "delta_mem_" in n}
+    restored = {n: p for n, p in loaded.named_parameters() if "delta_mem_" in n}
+    assert original.keys() == restored.keys()
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
+
+
+def test_low_cpu_mem_usage_load(saved):
+    directory, _, expected = saved
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), directory, low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    assert_same_logits(loaded, expected)
+
+
+def test_is_trainable_load_gives_trainable_adapter(saved):
+    directory, _, expected = saved
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), directory, is_trainable=True)
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert trainable and all("delta_mem_" in n for n in trainable)
+    assert_same_logits(loaded.eval(), expected)
+
+
+def test_peft_config_from_pretrained_is_delta_mem_config(saved):
+    directory, model, _ = saved
+    config = PeftConfig.from_pretrained(str(directory))
+    assert type(config) is DeltaMemConfig
+    assert config.delta_heads == ("q", "o")
+    assert config.fingerprint() == model.peft_config["default"].fingerprint()
+
+
+def test_fresh_process_load_gives_bit_identical_logits(saved, tmp_path):
+    directory, _, expected = saved
+    torch.save((IDS_1, IDS_2), tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import peft_deltamem  # noqa: F401
+        from peft import PeftModel
+        from peft_deltamem.tiny_models import tiny_model
+
+        adapter, ids_path, out_path = sys.argv[1:4]
+        ids_1, ids_2 = torch.load(ids_path)
+        model = PeftModel.from_pretrained(tiny_model("llama"), adapter)
+        with torch.no_grad():
+            first = model(ids_1).logits
+            second = model(ids_2).logits
+        torch.save((first, second), out_path)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(directory), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = torch.load(tmp_path / "out.pt")
+    assert torch.equal(first, expected[0])
+    assert torch.equal(second, expected[1])
+
+
+def test_auto_peft_model_for_causal_lm(tmp_path):
+    base_dir = tmp_path / "base"
+    base = tiny_model("llama")
+    base.save_pretrained(base_dir)
+    model = trained_adapter(named_base(str(base_dir)))
+    expected = two_calls(model)
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir
+    )
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", attn_implementation="eager")
+    assert isinstance(loaded, PeftModel)
+    assert type(loaded.peft_config["default"]) is DeltaMemConfig
+    assert not loaded.training
+    assert_same_logits(loaded, expected)
+
+
+def test_second_adapter_has_its_own_memory(tmp_path):
+    model_a = trained_adapter(seed=1)
+    model_a.save_pretrained(tmp_path / "a")
+    trained_adapter(seed=2).save_pretrained(tmp_path / "b")
+    reference_a = two_calls(model_a)
+
+    model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    model.load_adapter(tmp_path / "b", adapter_name="other")
+    assert set(model.peft_config) == {"default", "other"}
+    assert type(model.peft_config["other"]) is DeltaMemConfig
+    assert model.active_adapters == ["default"]
+
+    with torch.no_grad():
+        first_a = model(IDS_1).logits
+    assert torch.equal(first_a, reference_a[0])
+    state_a = model.get_memory_state()
+    assert state_a.adapter_name == "default" and not state_a.is_empty
+
+    model.set_adapter("other")
+    assert model.get_memory_state().is_empty  # B has not read anything yet
+    with torch.no_grad():
+        first_b = model(IDS_1).logits
+    assert not torch.equal(first_b, first_a)  # B's own weights
+    state_b = model.get_memory_state()
+    assert state_b.adapter_name == "other" and not state_b.is_empty
+    assert any(not torch.equal(state_b.states[k], state_a.states[k]) for k in state_a.states)
+
+    model.set_adapter("default")
+    state_a_again = model.get_memory_state()
+    for name, tensor in state_a.states.items():
+        assert torch.equal(state_a_again.states[name], tensor), name
+    with torch.no_grad():
+        second_a = model(IDS_2).logits
+    assert torch.equal(second_a, reference_a[1])  # A continues exactly as if B had never run
+
+    model.reset_memory(adapter_name="default")
+    assert model.get_memory_state("default").is_empty
+    assert not model.get_memory_state("other").is_empty
+
+
+def test_transformers_load_adapter_on_plain_model(saved):
+    directory, _, expected = saved
+    model = tiny_model("llama")
+    with torch.no_grad():
+        base_logits = model(IDS_1).logits
+    model.load_adapter(str(directory))
+    assert model.active_adapters() == ["default"]
+    with torch.no_grad():
+        first = model(IDS_1).logits
+        second = model(IDS_2).logits
+    assert not torch.equal(first, base_logits)
+    assert torch.equal(first, expected[0])
+    assert torch.equal(second, expected[1])  # the memory persists across calls in eval mode
+
+
+# --------------------------------------------------------------------------------------------- mismatches
+
+
+@pytest.mark.parametrize(
+    ("base_kwargs", "match"),
+    [
+        ({"hidden_size": 32}, r"(?i)size mismatch|hidden"),
+        ({"num_layers": 3}, r"(?i)layer"),
+        ({"num_layers": 1}, r"(?i)layer"),
+    ],
+    ids=["hidden_size", "more_layers", "fewer_layers"],
+)
+def test_mismatched_base_raises(saved, base_kwargs, match):
+    directory, _, _ = saved
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        PeftModel.from_pretrained(tiny_model("llama", **base_kwargs), directory)
+
+
+def test_llama_adapter_on_gpt2_raises(saved):
+    directory, _, _ = saved
+    with pytest.raises(ValueError, match=r"self_attn.*not found"):
+        PeftModel.from_pretrained(tiny_model("gpt2"), directory)
+
+
+def test_gpt2_adapter_on_llama_raises(tmp_path):
+    make_peft(tiny_model("gpt2")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"attn.*not found"):
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------ corrupt directories
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_missing_weights_file_raises_clearly(saved, tmp_path):
+    directory = _copy(saved[0], tmp_path / "no_weights")
+    (directory / "adapter_model.safetensors").unlink()
+    with pytest.raises((ValueError, OSError), match=r"adapter_model"):
+        PeftModel.from_pretrained(tiny_model("llama"), str(directory))
+
+
+def test_missing_config_raises_clearly(saved, tmp_path):
+    directory = _copy(saved[0], tmp_path / "no_config")
+    (directory / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        PeftModel.from_pretrained(tiny_model("llama"), directory)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
+def test_truncated_weights_file_raises(saved, tmp_path, keep):
+    directory = _copy(saved[0], tmp_path / "truncated")
+    path = directory / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(Exception, match=r"(?i)deserializ|truncat|corrupt|header") as info:
+        PeftModel.from_pretrained(tiny_model("llama"), directory)
+    assert not isinstance(info.value, (AttributeError, TypeError, KeyError, IndexError))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"r": 0}, r"DeltaMemConfig\.r=0"),
+        ({"delta_heads": ["q", "x"]}, r"delta_heads"),
+        ({"write_granularity": "sentence"}, r"write_granularity"),
+        ({"num_state_heads": 0}, r"num_state_heads"),
+    ],
+    ids=["r=0", "unknown_head", "granularity", "state_heads"],
+)
+def test_invalid_adapter_config_raises(saved, tmp_path, changes, match):
+    directory = _copy(saved[0], tmp_path / "bad_config")
+    _edit_config(directory, **changes)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(tiny_model("llama"), directory)
+
+
+def test_config_disagreeing_with_weights_raises(saved, tmp_path):
+    directory = _copy(saved[0], tmp_path / "r4")
+    _edit_config(directory, r=4)
+    with pytest.raises(ValueError, match=r"does not fit the base model.*other shapes.*delta_mem_"):
+        PeftModel.from_pretrained(tiny_model("llama"), directory)
+
+
+# -------------------------------------------------------------------------------------- offline Hub cache
+
+
+def _populate_hub_cache(cache: Path, adapter_dir: Path, repo_id: str = HUB_ID) -> None:
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter_dir / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty HF cache used by hf_hub_download, offline (huggingface_hub reads the path at import)."""
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_load_hub_id_from_offline_cache(saved, offline_hub_cache):
+    directory, _, expected = saved
+    _populate_hub_cache(offline_hub_cache, directory)
+    config = PeftConfig.from_pretrained(HUB_ID)
+    assert type(config) is DeltaMemConfig
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), HUB_ID)
+    assert_same_logits(loaded, expected)
+
+
+def test_load_hub_id_with_cache_dir_argument(saved, tmp_path, monkeypatch):
+    directory, _, expected = saved
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "explicit_cache"
+    _populate_hub_cache(cache, directory)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), HUB_ID, cache_dir=str(cache))
+    assert_same_logits(loaded, expected)
+
+
+def test_unknown_hub_id_offline_raises_clearly(offline_hub_cache):
+    with pytest.raises(ValueError, match=r"adapter_config\.json.*tiny-org/not-cached"):
+        PeftModel.from_pretrained(tiny_model("llama"), "tiny-org/not-cached")
+
+
+# -------------------------------------------------------------------------------------------- push_to_hub
+
+
+@pytest.fixture
+def mocked_hub(monkeypatch):
+    """Captures what push_to_hub would upload (transformers' PushToHubMixin: create_repo, then create_commit)."""
+    uploads: dict = {"repos": [], "files": {}}
+
+    class _Repo:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
+
+    def create_repo(self, repo_id, **kwargs):
+        uploads["repos"].append(repo_id)
+        return _Repo(repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            uploads["files"][op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+        return "commit"
+
+    def no_remote_card(*args, **kwargs):
+        raise EntryNotFoundError("no README.md in the (mocked) repo yet")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("push_to_hub used an unexpected Hub API")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", refuse)
+    monkeypatch.setattr(HfApi, "upload_file", refuse)
+    monkeypatch.setattr(ModelCard, "load", classmethod(no_remote_card))
+    return uploads
+
+
+def test_push_to_hub_uploads_adapter_files(mocked_hub, tmp_path):
+    model = trained_adapter()
+    expected = two_calls(model)
+    model.push_to_hub("tiny-org/pushed")
+    assert mocked_hub["repos"] == ["tiny-org/pushed"]
+    files = mocked_hub["files"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "DELTA_MEM"
+    # what was uploaded loads back to the same model
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes(files[name])
+    assert_same_logits(PeftModel.from_pretrained(tiny_model("llama"), tmp_path), expected)
+
+
+def test_peft_deltamem_push_to_hub_keeps_the_model_card(mocked_hub):
+    # transformers' push_to_hub replaces the saved README with the Hub's card (or its template), dropping the
+    # "import peft_deltamem" note; peft_deltamem.push_to_hub uploads what save_pretrained wrote.
+    push_to_hub(trained_adapter(), "tiny-org/pushed")
+    assert mocked_hub["repos"] == ["tiny-org/pushed"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(mocked_hub["files"])
+    assert "import peft_deltamem" in mocked_hub["files"]["README.md"].decode()
+
+
+# ------------------------------------------------------------------------------------------- MemoryState
+
+
+def written_model(batch: int = 2, **config_kwargs):
+    model = trained_adapter(**config_kwargs)
+    model.reset_memory()
+    with torch.no_grad():
+        model(random_ids(batch, 9, seed=1))
+    return model
+
+
+def _metadata(state: MemoryState) -> dict:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "states"}
+
+
+def test_memory_state_save_load_round_trip(tmp_path):
+    model = written_model()
+    state = model.get_memory_state()
+    assert not state.is_empty and state.batch_size == 2
+    assert state.layers == ("model.layers.0.self_attn", "model.layers.1.self_attn")
+    assert state.adapter_name == "default" and state.r == 8 and state.delta_heads == ("q", "o")
+    for tensor in state.states.values():
+        assert tensor.shape == (2, 1, 8, 8) and tensor.dtype == torch.float32
+        assert tensor.abs().sum() > 0
+    state.save(tmp_path / "memory.safetensors")
+    loaded = MemoryState.load(tmp_path / "memory.safetensors")
+    assert _metadata(loaded) == _metadata(state)
+    assert loaded.states.keys() == state.states.keys()
+    for name, tensor in state.states.items():
+        assert torch.equal(loaded.states[name], tensor), name
+
+
+def test_empty_memory_state_round_trip(tmp_path):
+    model = trained_adapter()
+    expected = two_calls(model)
+    state = model.get_memory_state()
+    assert state.is_empty and state.batch_size == 0
+    state.save(tmp_path / "empty.safetensors")
+    loaded = MemoryState.load(tmp_path / "empty.safetensors")
+    assert loaded.is_empty and _metadata(loaded) == _metadata(state)
+    with torch.no_grad():
+        model(IDS_1)  # fill the memory, then restore the empty state
+    model.set_memory_state(loaded)
+    assert model.get_memory_state().is_empty
+    with torch.no_grad():
+        assert torch.equal(model(IDS_1).logits, expected[0])
+
+
+def test_get_memory_state_is_a_detached_copy():
+    model = written_model()
+    state = model.get_memory_state()
+    before = {k: v.clone() for k, v in state.states.items()}
+    for tensor in state.states.values():
+        tensor.add_(1.0)
+    after = model.get_memory_state()
+    for name, tensor in before.items():
+        assert torch.equal(after.states[name], tensor), name
+
+
+def test_set_memory_state_reproduces_next_call_logits(tmp_path, saved):
+    directory, _, _ = saved
+    model = PeftModel.from_pretrained(tiny_model("llama"), directory)
+    model.reset_memory()
+    with torch.no_grad():
+        model(IDS_1)
+        state = model.get_memory_state()
+        expected = model(IDS_2).logits
+        state.save(tmp_path / "memory.safetensors")
+
+        model.reset_memory()
+        fresh = model(IDS_2).logits
+        assert not torch.equal(fresh, expected)  # the memory matters
+
+        model.reset_memory()
+        model.set_memory_state(state)
+        assert torch.equal(model(IDS_2).logits, expected)
+
+        # from the file, into another instance of the same adapter
+        other = PeftModel.from_pretrained(tiny_model("llama"), directory)
+        other.set_memory_state(MemoryState.load(tmp_path / "memory.safetensors"))
+        assert torch.equal(other(IDS_2).logits, expected)
+
+
+def test_memory_state_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "memory.safetensors"
+    first = written_model().get_memory_state()
+    first.save(path)
+    original = path.read_bytes()
+    second = dataclasses.replace(first, states={k: v * 0.5 for k, v in first.states.items()})
+    with pytest.raises(FileExistsError, match=r"overwrite=True"):
+        second.save(path)
+    assert path.read_bytes() == original
+    second.save(path, overwrite=True)
+    loaded = MemoryState.load(path)
+    for name, tensor in second.states.items():
+        assert torch.equal(loaded.states[name], tensor)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors"]  # no temporary files left
+
+
+def test_memory_state_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"memory"):
+        MemoryState.load(tmp_path / "memory.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_memory_state_load_corrupt_file(tmp_path, damage):
+    path = tmp_path / "memory.safetensors"
+    written_model().get_memory_state().save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a safetensors file" * 10)
+    with pytest.raises(ValueError, match=r"not a readable safetensors file"):
+        MemoryState.load(path)
+
+
+def test_memory_state_load_rejects_other_safetensors(saved, tmp_path):
+    directory, _, _ = saved
+    with pytest.raises(ValueError, match=r"not a δ-mem memory state"):
+        MemoryState.load(directory / "adapter_model.safetensors")
+    save_file({"x": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match=r"not a δ-mem memory state"):
+        MemoryState.load(tmp_path / "plain.safetensors")
+
+
+def test_memory_state_load_rejects_other_format_version_and_damaged_metadata(tmp_path):
+    state = written_model().get_memory_state()
+    tensors = {k: v.contiguous() for k, v in state.states.items()}
+    meta = state.metadata()
+    save_file(tensors, tmp_path / "v99.safetensors", metadata={**meta, "format_version": "99"})
+    with pytest.raises(ValueError, match=r"format version 99"):
+        MemoryState.load(tmp_path / "v99.safetensors")
+    save_file(tensors, tmp_path / "broken.safetensors", metadata={**meta, "fields": "{not json"})
+    with pytest.raises(ValueError, match=r"damaged memory-state metadata"):
+        MemoryState.load(tmp_path / "broken.safetensors")
+    fields = json.loads(meta["fields"])
+    del fields["r"]
+    save_file(tensors, tmp_path / "no_r.safetensors", metadata={**meta, "fields": json.dumps(fields)})
+    with pytest.raises(ValueError, match=r"damaged memory-state metadata"):
+        MemoryState.load(tmp_path / "no_r.safetensors")
+
+
+def test_memory_state_nan_is_refused(tmp_path):
+    model = written_model()
+    state = model.get_memory_state()
+    name = state.layers[0]
+    state.states[name][0, 0, 0, 0] = float("nan")
+    state.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=r"NaN"):
+        MemoryState.load(tmp_path / "nan.safetensors")
+    before = model.get_memory_state()
+    with pytest.raises(ValueError, match=r"NaN"):
+        model.set_memory_state(state)
+    after = model.get_memory_state()  # a refused state leaves the memory untouched
+    for layer, tensor in before.states.items():
+        assert torch.equal(after.states[layer], tensor)
+
+
+@pytest.mark.parametrize(
+    ("other_config", "match"),
+    [
+        ({"r": 4}, r"its r is 4"),
+        ({"num_state_heads": 2}, r"num_state_heads"),
+        ({"delta_heads": ("q", "k", "o")}, r"delta_heads"),
+        ({"layers_to_transform": [0]}, r"layers"),
+    ],
+    ids=["r", "state_heads", "delta_heads", "layers"],
+)
+def test_set_memory_state_from_other_config_raises(other_config, match):
+    state = written_model(**other_config).get_memory_state()
+    model = written_model()
+    before = model.get_memory_state()
+    with pytest.raises(ValueError, match=rf"does not fit adapter 'default'.*{match}"):
+        model.set_memory_state(state)
+    after = model.get_memory_state()
+    for layer, tensor in before.states.items():
+        assert torch.equal(after.states[layer], tensor)
+
+
+def test_set_memory_state_bad_tensors_raise():
+    model = written_model()
+    good = model.get_memory_state()
+    first = good.layers[0]
+    cases = [
+        ({first: torch.zeros(2, 1, 4, 4)}, r"shape"),
+        ({first: good.states[first].half()}, r"float32"),
+        ({first: torch.full_like(good.states[first], float("inf"))}, r"infinite"),
+        ({"model.layers.7.self_attn": good.states[first]}, r"does not list"),
+    ]
+    for replacement, match in cases:
+        bad = dataclasses.replace(good, states={**good.states, **replacement})
+        with pytest.raises(ValueError, match=match):
+            model.set_memory_state(bad)
+    missing = dataclasses.replace(good, states={first: good.states[first]})
+    with pytest.raises(ValueError, match=r"lacks the layers"):
+        model.set_memory_state(missing)
+    with pytest.raises(TypeError, match=r"MemoryState"):
+        model.set_memory_state(good.states)
+
+
+def test_state_with_wrong_batch_size_is_refused_at_the_next_call():
+    model = written_model(batch=2)
+    state = model.get_memory_state()
+    model.reset_memory()
+    model.set_memory_state(state)
+    with pytest.raises(ValueError, match=r"holds 2 batch rows but this call has 1.*reset_memory"):
+        with torch.no_grad():
+            model(random_ids(1, 5))
+    model.reset_memory()
+    with torch.no_grad():
+        model(random_ids(1, 5))  # fine after a reset
+    assert model.get_memory_state().batch_size == 1
