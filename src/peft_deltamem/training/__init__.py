@@ -1,5 +1,12 @@
-"""Training data for δ-mem: chat examples -> episodes (memory stream + visible stream) -> padded batches."""
+"""Training δ-mem: chat examples -> episodes (memory + visible stream) -> padded batches; Trainer callbacks."""
 
+from .callbacks import (
+    MemoryHealth,
+    MemoryHealthCallback,
+    add_memory_health_callback,
+    check_remove_unused_columns,
+    measure_memory_health,
+)
 from .collator import ABLATION_MODES, DeltaMemDataCollator, validate_ablation_probs
 from .episodes import (
     IGNORE_INDEX,
@@ -19,6 +26,11 @@ from .episodes import (
 __all__ = [
     "ABLATION_MODES",
     "IGNORE_INDEX",
+    "MemoryHealth",
+    "MemoryHealthCallback",
+    "add_memory_health_callback",
+    "check_remove_unused_columns",
+    "measure_memory_health",
     "DeltaMemDataCollator",
     "EpisodeConfig",
     "EpisodeError",
