@@ -87,3 +87,20 @@ def test_write_sparsity_penalty_is_added_in_training():
     # initial gate: sigmoid(-1.5) ~ 0.182 everywhere, so the penalty is 10 * (0.182 - 0.05)^2
     expected = 10.0 * (torch.sigmoid(torch.tensor(-1.5)).item() - 0.05) ** 2
     assert losses[10.0] - losses[0.0] == pytest.approx(expected, rel=1e-3)
+
+
+def test_write_sparsity_penalty_is_weighed_by_the_micro_batch_share_of_label_tokens():
+    # Under gradient accumulation the Trainer passes num_items_in_batch and sums micro-batch losses.
+    batch = episode_batch()
+    label_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    penalties = {}
+    for total in (label_tokens, 4 * label_tokens):
+        losses = {}
+        for weight in (0.0, 10.0):
+            model = make_peft(tiny_model("llama", seed=3), write_sparsity_weight=weight)
+            model.train()
+            losses[weight] = model(**batch, num_items_in_batch=torch.tensor(total)).loss.item()
+        penalties[total] = losses[10.0] - losses[0.0]
+    expected = 10.0 * (torch.sigmoid(torch.tensor(-1.5)).item() - 0.05) ** 2
+    assert penalties[label_tokens] == pytest.approx(expected, rel=1e-3)
+    assert penalties[4 * label_tokens] == pytest.approx(expected / 4, rel=1e-3)

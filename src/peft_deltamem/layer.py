@@ -187,19 +187,22 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 
     def _corrections_for(self, adapter: str, hidden: torch.Tensor, record: CallRecord) -> dict[str, torch.Tensor]:
         settings = self.settings[adapter]
-        weight = self.delta_mem_write[adapter].weight
-        x = hidden.to(weight.dtype)
+        write = self.delta_mem_write[adapter]
+        dtype = write.weight.dtype
+        x = hidden.to(dtype)
         batch, length, _ = x.shape
         valid = record.token_mask(batch, length, x.device)
         state = self._input_state(adapter, record, batch, x.device)
+        # Call the module (not its .weight) so sharding wrappers (FSDP, ZeRO-3) gather the weights.
+        projected = write(x)
         if settings.write_granularity == "segment":
-            reads, final = self._segment_scan(adapter, x, state, valid, record)
+            reads, final = self._segment_scan(adapter, x, projected, state, valid, record)
         else:
-            reads, final = self._token_scan(adapter, x, state, valid, record)
+            reads, final = self._token_scan(adapter, projected, state, valid, record)
         record.final_states[(self.layer_name, adapter)] = final if record.keep_graph else final.detach()
         if valid is not None:
             reads = reads * valid[:, None, :, None]
-        reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(weight.dtype)
+        reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(dtype)
         out = self.delta_mem_out[adapter](reads) * settings.scaling
         return self._split_heads(out, settings)
 
@@ -235,20 +238,15 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         user = user.to(device=valid.device if valid is not None else user.device, dtype=torch.bool)
         return user if valid is None else valid & user
 
-    def _token_scan(self, adapter, x, state, valid, record):
+    def _token_scan(self, adapter, projected, state, valid, record):
         settings = self.settings[adapter]
-        width = settings.width
-        weight = self.delta_mem_write[adapter].weight
-        if not record.writes:
-            q = F.linear(x, weight[:width])
-            q = F.normalize(torch.tanh(self._heads(q, settings)), dim=-1)
-            return ops.read_only(q, state), state
-        projected = F.linear(x, weight)
-        q, k, v, gate = (self._heads(p, settings) for p in projected.split(width, dim=-1))
+        q, k, v, gate = (self._heads(p, settings) for p in projected.split(settings.width, dim=-1))
         q = F.normalize(torch.tanh(q), dim=-1)
+        if not record.writes:
+            return ops.read_only(q, state), state
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
-        write_mask = self._write_mask(valid, record, x.shape[0], x.shape[1])
+        write_mask = self._write_mask(valid, record, projected.shape[0], projected.shape[1])
         self._report_write_gate(record, beta, write_mask)
         return ops.delta_rule(q, k, v, beta, state, write_mask)
 
@@ -262,13 +260,12 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         weights = write_mask[:, None, :, None].to(beta.dtype).expand_as(beta)
         record.write_gate_stats.append((beta * weights).sum().float() / weights.sum().clamp(min=1).float())
 
-    def _segment_scan(self, adapter, x, state, valid, record):
+    def _segment_scan(self, adapter, x, projected, state, valid, record):
         """SSW: each segment's mean hidden state is written once; a token reads the state before its segment."""
         settings = self.settings[adapter]
         width = settings.width
-        weight = self.delta_mem_write[adapter].weight
         batch, length, _ = x.shape
-        q = F.normalize(torch.tanh(self._heads(F.linear(x, weight[:width]), settings)), dim=-1)
+        q = F.normalize(torch.tanh(self._heads(projected[..., :width], settings)), dim=-1)
         if not record.writes:
             return ops.read_only(q, state), state
         ids = record.tail(record.segment_ids, batch, length, "memory_segment_ids")
@@ -296,7 +293,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         pooled = sums[:, :length] / counts[:, :length].clamp(min=1)
         segment_valid = counts[:, :length, 0] > 0
 
-        _, k, v, gate = (self._heads(p, settings) for p in F.linear(pooled, weight).split(width, dim=-1))
+        pooled_projection = self.delta_mem_write[adapter](pooled)
+        _, k, v, gate = (self._heads(p, settings) for p in pooled_projection.split(width, dim=-1))
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
         self._report_write_gate(record, beta, segment_valid)

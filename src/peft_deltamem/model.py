@@ -45,8 +45,14 @@ def _after_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kw
         return output
     if getattr(output, "loss", None) is None:
         raise ValueError("write_sparsity_weight > 0 needs a loss: pass labels with the visible stream.")
-    output.loss = output.loss + sum(t.to(output.loss.device) for t in runtime.pending_loss_terms)
+    penalty = sum(t.to(output.loss.device) for t in runtime.pending_loss_terms)
     runtime.pending_loss_terms.clear()
+    total_items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+    if total_items is not None and labels is not None:
+        # The Trainer then sums micro-batch losses instead of averaging them: weigh the penalty like the
+        # token loss, by this micro-batch's share of the step's label tokens, so it counts once per step.
+        penalty = penalty * (labels[..., 1:] != -100).sum().to(penalty.device) / total_items
+    output.loss = output.loss + penalty
     return output
 
 

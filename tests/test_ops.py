@@ -1,0 +1,270 @@
+"""Fast scan implementations (chunk, fused_recurrent, auto) against the naive oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_deltamem import ops
+from peft_deltamem.ops import IMPLEMENTATIONS, delta_rule, delta_rule_states, use_impl
+from peft_deltamem.ops.chunk import DEFAULT_CHUNK_SIZE, chunk_delta_rule
+from peft_deltamem.ops.fused_recurrent import fused_recurrent_delta_rule
+from peft_deltamem.ops.naive import naive_delta_rule
+
+FAST_IMPLS = ["chunk", "fused_recurrent", "auto"]
+C = DEFAULT_CHUNK_SIZE
+LENGTHS = [1, 2, C - 1, C, C + 1, 3 * C + 7]
+
+
+def make_inputs(
+    b: int = 2,
+    h: int = 3,
+    t: int = 20,
+    r: int = 8,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    state_scale: float = 0.5,
+) -> list[torch.Tensor]:
+    """q, k (unit norm), v, beta in (0, 1) and a non-zero float32 initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(b, h, t, r, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(b, h, t, r, generator=gen), dim=-1)
+    v = torch.randn(b, h, t, r, generator=gen)
+    beta = torch.sigmoid(2 * torch.randn(b, h, t, r, generator=gen))
+    state = state_scale * torch.randn(b, h, r, r, generator=gen)
+    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
+    return [q, k, v, beta, state.to(torch.float64 if dtype == torch.float64 else torch.float32)]
+
+
+def make_mask(kind: str, b: int, t: int, seed: int = 1) -> torch.Tensor | None:
+    """Write masks: none, left / right padding of random length per row, random holes, all off."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(t)
+    if kind == "none":
+        return None
+    if kind == "off":
+        return torch.zeros(b, t, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(b, t, generator=gen) > 0.3
+    lengths = torch.randint(0, t + 1, (b,), generator=gen)
+    lengths[0] = t  # one full row
+    if kind == "right":
+        return pos.unsqueeze(0) < lengths.unsqueeze(1)
+    if kind == "left":
+        return pos.unsqueeze(0) >= (t - lengths).unsqueeze(1)
+    raise ValueError(kind)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max abs difference relative to the max abs of the reference."""
+    scale = expected.detach().abs().max().clamp_min(1e-12)
+    return ((actual.detach().double() - expected.detach().double()).abs().max() / scale).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    assert actual.shape == expected.shape
+    err = rel_err(actual, expected)
+    assert err <= tol, f"relative error {err:.3g} > {tol:.1g}"
+
+
+def run(impl: str, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return delta_rule(*args, impl=impl, **kwargs)
+
+
+def test_registry() -> None:
+    assert {"naive", "chunk", "fused_recurrent", "auto"} <= set(IMPLEMENTATIONS)
+    with pytest.raises(ValueError):
+        delta_rule(*make_inputs(t=2), impl="nope")
+    with use_impl("chunk"):
+        assert ops._default_impl == "chunk"
+    assert ops._default_impl == "auto"
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("t", LENGTHS)
+def test_forward_matches_naive(impl: str, t: int) -> None:
+    inputs = make_inputs(t=t, seed=t)
+    mask = make_mask("random", 2, t, seed=t)
+    expected = naive_delta_rule(*inputs, mask)
+    reads, state = run(impl, *inputs, mask)
+    assert reads.dtype == state.dtype == torch.float32
+    assert_close(reads, expected[0], 1e-5)
+    assert_close(state, expected[1], 1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("kind", ["none", "left", "right", "random", "off"])
+def test_padding_masks(impl: str, kind: str) -> None:
+    t = 2 * C + 5
+    inputs = make_inputs(b=4, h=2, t=t, seed=3)
+    mask = make_mask(kind, 4, t, seed=4)
+    expected = naive_delta_rule(*inputs, mask)
+    reads, state = run(impl, *inputs, mask)
+    assert_close(reads, expected[0], 1e-5)
+    assert_close(state, expected[1], 1e-5)
+    if kind == "off":
+        torch.testing.assert_close(state, inputs[4], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("t", [1, C + 1, 3 * C + 7])
+def test_gradients_match_naive(impl: str, t: int) -> None:
+    inputs = make_inputs(t=t, seed=10 + t)
+    mask = make_mask("random", 2, t, seed=t)
+    gen = torch.Generator().manual_seed(99)
+    grad_reads = torch.randn(2, 3, t, 8, generator=gen)
+    grad_state = torch.randn(2, 3, 8, 8, generator=gen)
+
+    def grads(fn) -> list[torch.Tensor]:
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        reads, state = fn(*leaves, mask)
+        torch.autograd.backward([reads, state], [grad_reads, grad_state])
+        return [x.grad for x in leaves]
+
+    expected = grads(naive_delta_rule)
+    actual = grads(lambda *a: run(impl, *a))
+    for name, got, want in zip("q k v beta initial_state".split(), actual, expected):
+        assert rel_err(got, want) <= 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        fused_recurrent_delta_rule,
+        lambda *a: chunk_delta_rule(*a, chunk_size=2),
+        lambda *a: chunk_delta_rule(*a, chunk_size=4),
+    ],
+    ids=["fused_recurrent", "chunk2", "chunk4"],
+)
+def test_gradcheck_float64(fn) -> None:
+    q, k, v, beta, state = make_inputs(b=1, h=2, t=5, r=3, seed=5, dtype=torch.float64)
+    beta = beta.clamp(0.05, 0.95)
+    mask = torch.tensor([[True, True, False, True, True]])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, state)]
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, mask), leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(impl: str, dtype: torch.dtype) -> None:
+    t = C + 3
+    inputs = make_inputs(t=t, seed=7, dtype=dtype)
+    mask = make_mask("right", 2, t)
+    expected = naive_delta_rule(*inputs, mask)  # upcasts the same rounded inputs
+    reads, state = run(impl, *inputs, mask)
+    assert reads.dtype == state.dtype == torch.float32
+    assert_close(reads, expected[0], 1e-5)
+    assert_close(state, expected[1], 1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_single_head_small_rank(impl: str) -> None:
+    t = 2 * C + 1
+    inputs = make_inputs(b=1, h=1, t=t, r=4, seed=8)
+    expected = naive_delta_rule(*inputs)
+    reads, state = run(impl, *inputs)
+    assert_close(reads, expected[0], 1e-5)
+    assert_close(state, expected[1], 1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_beta_near_one(impl: str) -> None:
+    """Saturated writes (beta == 1 happens after bf16 rounding) match the oracle, gradients included."""
+    t = 2 * C + 3
+    q, k, v, beta, state = make_inputs(t=t, seed=11)
+    gen = torch.Generator().manual_seed(0)
+    beta = torch.sigmoid(12 * torch.randn(beta.shape, generator=gen))  # many exact 1.0 and 1 - 1e-6
+    beta[0, 0, :4] = 1.0
+    assert (beta == 1.0).any()
+
+    def forward_backward(fn) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, state)]
+        reads, final = fn(*leaves)
+        (reads.square().sum() + final.square().sum()).backward()
+        return reads, final, [x.grad for x in leaves]
+
+    expected = forward_backward(naive_delta_rule)
+    reads, final, grads = forward_backward(lambda *a: run(impl, *a))
+    assert_close(reads, expected[0], 1e-5)
+    assert_close(final, expected[1], 1e-5)
+    for name, got, want in zip("q k v beta initial_state".split(), grads, expected[2]):
+        assert rel_err(got, want) <= 1e-4, name
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_pieces_equal_at_once(impl: str) -> None:
+    t1, t2 = C + 3, 2 * C + 5
+    q, k, v, beta, state = make_inputs(t=t1 + t2, seed=12)
+    mask = make_mask("random", 2, t1 + t2)
+    whole_reads, whole_state = run(impl, q, k, v, beta, state, mask)
+    reads1, mid = run(impl, q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], beta[:, :, :t1], state, mask[:, :t1])
+    reads2, end = run(impl, q[:, :, t1:], k[:, :, t1:], v[:, :, t1:], beta[:, :, t1:], mid, mask[:, t1:])
+    assert_close(torch.cat([reads1, reads2], 2), whole_reads, 1e-5)
+    assert_close(end, whole_state, 1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_decode_steps_equal_at_once(impl: str) -> None:
+    """Token-by-token decoding (T == 1 calls) reproduces the prefill scan."""
+    t = 6
+    q, k, v, beta, state = make_inputs(t=t, seed=13)
+    whole_reads, whole_state = run(impl, q, k, v, beta, state)
+    reads = []
+    for i in range(t):
+        sl = slice(i, i + 1)
+        read, state = run(impl, q[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl], state)
+        reads.append(read)
+    assert_close(torch.cat(reads, 2), whole_reads, 1e-5)
+    assert_close(state, whole_state, 1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
+def test_chunk_sizes(chunk_size: int) -> None:
+    t = 3 * C + 7
+    inputs = make_inputs(t=t, seed=14)
+    mask = make_mask("left", 2, t)
+    expected = naive_delta_rule(*inputs, mask)
+    reads, state = chunk_delta_rule(*inputs, mask, chunk_size=chunk_size)
+    assert_close(reads, expected[0], 1e-5)
+    assert_close(state, expected[1], 1e-5)
+
+
+def test_chunk_size_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        chunk_delta_rule(*make_inputs(t=4), chunk_size=0)
+
+
+@pytest.mark.parametrize("fn", [chunk_delta_rule, fused_recurrent_delta_rule])
+def test_empty_sequence(fn) -> None:
+    q, k, v, beta, state = make_inputs(t=0)
+    reads, final = fn(q, k, v, beta, state, torch.zeros(2, 0, dtype=torch.bool))
+    assert reads.shape == (2, 3, 0, 8)
+    torch.testing.assert_close(final, state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["naive", *FAST_IMPLS])
+def test_delta_rule_states(impl: str) -> None:
+    t = C + 2
+    _, k, v, beta, state = make_inputs(t=t, seed=15)
+    mask = make_mask("random", 2, t)
+    states, final = delta_rule_states(k, v, beta, state, mask, impl=impl)
+    assert states.shape == (2, 3, t, 8, 8)
+    # the states before each step, built step by step with the oracle
+    expected, current = [], state
+    for i in range(t):
+        expected.append(current)
+        sl = slice(i, i + 1)
+        _, current = naive_delta_rule(k[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl], current, mask[:, sl])
+    assert_close(states, torch.stack(expected, 2), 1e-5)
+    assert_close(final, current, 1e-5)
+
+
+def test_auto_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setitem(ops.__dict__, "fused_recurrent_delta_rule", lambda *a, **kw: calls.append("fr"))
+    monkeypatch.setitem(ops.__dict__, "chunk_delta_rule", lambda *a, **kw: calls.append("chunk"))
+    delta_rule(*make_inputs(t=1), impl="auto")
+    delta_rule(*make_inputs(t=ops.AUTO_RECURRENT_MAX_T + 1), impl="auto")
+    assert calls == ["fr", "chunk"]
