@@ -98,6 +98,37 @@ def chunk_size_sweep(args: argparse.Namespace) -> list[dict[str, float]]:
     return sweep
 
 
+def scan_rows(
+    lengths: list[int],
+    batch: int = 1,
+    heads: int = 1,
+    rank: int = 8,
+    reps: int = 7,
+    warmup: int = 2,
+    max_naive_t: int = 8192,
+    max_naive_bwd_t: int = 2048,
+) -> list[dict]:
+    """Median seconds per implementation and length: ``{"T", "<impl>_fwd_s", "chunk_fwd_bwd_s", ...}`` rows."""
+    results = []
+    for t in lengths:
+        row: dict[str, object] = {"T": t}
+        inputs = make_inputs(t, batch, heads, rank)
+        for impl in FORWARD_IMPLS:
+            if impl == "naive" and t > max_naive_t:
+                continue
+            # the naive scan is slow and steady: fewer repetitions suffice
+            impl_reps = max(3, reps // 2) if impl in ("naive", "fused_recurrent") else reps
+            impl_warmup = 1 if impl == "naive" else warmup
+            row[f"{impl}_fwd_s"] = time_forward(IMPLEMENTATIONS[impl], inputs, impl_reps, impl_warmup)
+        grad_inputs = make_inputs(t, batch, heads, rank, requires_grad=True)
+        row["chunk_fwd_bwd_s"] = time_forward_backward(IMPLEMENTATIONS["chunk"], grad_inputs, reps, warmup)
+        if t <= max_naive_bwd_t:
+            row["naive_fwd_bwd_s"] = time_forward_backward(IMPLEMENTATIONS["naive"], grad_inputs, 3, 1)
+        results.append(row)
+        print(f"T={t}: " + ", ".join(f"{key}={value * 1e3:.2f}ms" for key, value in row.items() if key != "T"))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
@@ -124,23 +155,8 @@ def main() -> None:
         global CLOCK
         CLOCK = time.process_time
 
-    results = []
-    for t in args.T:
-        row: dict[str, object] = {"T": t}
-        inputs = make_inputs(t, args.batch, args.heads, args.rank)
-        for impl in FORWARD_IMPLS:
-            if impl == "naive" and t > args.max_naive_T:
-                continue
-            # the naive scan is slow and steady: fewer repetitions suffice
-            reps = max(3, args.reps // 2) if impl in ("naive", "fused_recurrent") else args.reps
-            warmup = 1 if impl == "naive" else args.warmup
-            row[f"{impl}_fwd_s"] = time_forward(IMPLEMENTATIONS[impl], inputs, reps, warmup)
-        grad_inputs = make_inputs(t, args.batch, args.heads, args.rank, requires_grad=True)
-        row["chunk_fwd_bwd_s"] = time_forward_backward(IMPLEMENTATIONS["chunk"], grad_inputs, args.reps, args.warmup)
-        if t <= args.max_naive_bwd_T:
-            row["naive_fwd_bwd_s"] = time_forward_backward(IMPLEMENTATIONS["naive"], grad_inputs, 3, 1)
-        results.append(row)
-        print(f"T={t}: " + ", ".join(f"{key}={value * 1e3:.2f}ms" for key, value in row.items() if key != "T"))
+    results = scan_rows(args.T, args.batch, args.heads, args.rank, args.reps, args.warmup,
+                        args.max_naive_T, args.max_naive_bwd_T)
 
     def cell(row: dict, key: str) -> str:
         seconds = row.get(key)

@@ -1,0 +1,316 @@
+"""Speed and memory of δ-mem against the frozen model it adapts (issue: "Fast memory").
+
+Reference model (CPU): Qwen3 architecture with random weights, hidden 1024, 16 query / 8 KV heads
+of dim 64, intermediate 2816, 8 layers, vocab 32000, float32, batch 1. With ``--device cuda``: a
+bf16 Qwen3-4B-sized random model at 8k and 32k prompts.
+
+Every δ-mem figure is reported as a ratio to the frozen model measured in the same run
+(interleaved repetitions, median). Writes a JSON file and the markdown table of docs/benchmarks.md.
+
+    python scripts/bench_speed.py                      # CPU reference, a few minutes
+    python scripts/bench_speed.py --quick              # smaller lengths, for a smoke run
+    python scripts/bench_speed.py --device cuda        # GPU table (bf16, Qwen3-4B-sized)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from peft import get_peft_model
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peft_deltamem  # noqa: E402
+from bench_scan import scan_rows  # noqa: E402
+from peft_deltamem import DeltaMemConfig  # noqa: E402
+
+
+def reference_config(device: str) -> transformers.Qwen3Config:
+    if device == "cuda":  # Qwen3-4B shapes
+        return transformers.Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                        vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)
+    return transformers.Qwen3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                    num_attention_heads=16, num_key_value_heads=8, head_dim=64, vocab_size=32000,
+                                    max_position_embeddings=40960)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(frozen: Callable[[], float], delta: Callable[[], float], reps: int) -> dict:
+    """Median seconds of each and their ratio; repetitions alternate to cancel drift."""
+    frozen(), delta()  # warm-up
+    a, b = [], []
+    for _ in range(reps):
+        a.append(frozen())
+        b.append(delta())
+    fa, fb = statistics.median(a), statistics.median(b)
+    return {"frozen_s": fa, "delta_mem_s": fb, "ratio": fb / fa}
+
+
+# ---------------------------------------------------------------------------------------- peak memory
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the VmHWM high-water mark
+        f.write("5")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mib(fn: Callable[[], None], device: str) -> float:
+    """Peak memory of ``fn`` above what was allocated before it (CUDA allocator, or process RSS on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_kib("VmRSS")
+    _reset_peak_rss()
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def peak_memory(kind: str, length: int, device: str, model) -> float:
+    """MiB above the loaded model while prefilling ``length`` tokens and decoding 4.
+
+    On CPU each measurement runs in a fresh process (the RSS high-water mark of a process that already
+    ran bigger workloads says nothing); on CUDA the allocator's peak is exact in-process.
+    """
+    if device == "cuda":
+        prompt = torch.randint(0, 1000, (1, length), device=device)
+        return peak_extra_mib(decode_steps(model, prompt, 4, device), device)
+    command = [sys.executable, __file__, "--peak-worker", kind, "--peak-length", str(length)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def peak_worker(kind: str, length: int) -> None:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(reference_config("cpu")).eval()
+    if kind == "delta_mem":
+        model = get_peft_model(model, DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    prompt = torch.randint(0, 1000, (1, length))
+    print(peak_extra_mib(decode_steps(model, prompt, 4, "cpu"), "cpu"))
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+
+def prefill(model, ids):
+    def run():
+        model.reset_memory() if hasattr(model, "reset_memory") else None
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    return run
+
+
+def decode_steps(model, prompt, steps: int, device: str):
+    """Prefill (untimed), then time each single-token step; returns the median step time."""
+
+    def run() -> float:
+        model.reset_memory() if hasattr(model, "reset_memory") else None
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(steps):
+                times.append(timed(lambda: model(input_ids=token, past_key_values=cache, use_cache=True), device))
+        return statistics.median(times)
+
+    return run
+
+
+def training_step_frozen(model, ids):
+    def run():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+
+    return run
+
+
+def training_step_delta(model, memory_ids, visible_ids):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(memory_input_ids=memory_ids, input_ids=visible_ids, labels=visible_ids).loss.backward()
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="short lengths and few repetitions (smoke run)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default="docs/bench_speed.json")
+    parser.add_argument("--markdown", default="docs/benchmarks.md")
+    parser.add_argument("--peak-worker", choices=["frozen", "delta_mem"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_worker:
+        return peak_worker(args.peak_worker, args.peak_length)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available.")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cuda":
+        prefill_lengths, decode_prompt, train_lengths = (8192, 32768), 32768, (8192, 512)
+    elif args.quick:
+        prefill_lengths, decode_prompt, train_lengths = (256, 512), 512, (512, 128)
+    else:
+        prefill_lengths, decode_prompt, train_lengths = (512, 2048, 4096), 2048, (2048, 512)
+    decode_tokens = 8 if args.quick else 32
+
+    torch.manual_seed(0)
+    config = reference_config(device)
+    frozen = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    delta = get_peft_model(copy.deepcopy(frozen), DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    vocab = config.vocab_size
+    results: dict = {"machine": machine(device), "versions": versions(), "config": config.to_diff_dict(),
+                     "dtype": str(dtype), "prefill": {}, "peak_memory_mib": {}}
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (1, n), device=device)
+
+    for length in prefill_lengths:
+        x = ids(length)
+        reps = args.reps if length > 1024 else max(args.reps, 5)
+        results["prefill"][length] = interleaved(lambda x=x: timed(prefill(frozen, x), device),
+                                                 lambda x=x: timed(prefill(delta, x), device), reps)
+        print(f"prefill T={length}: {results['prefill'][length]}", flush=True)
+
+    prompt = ids(decode_prompt)
+    results["decode"] = {"prompt": decode_prompt, "tokens": decode_tokens,
+                         **interleaved(decode_steps(frozen, prompt, decode_tokens, device),
+                                       decode_steps(delta, prompt, decode_tokens, device), args.reps)}
+    print(f"decode after {decode_prompt}: {results['decode']}", flush=True)
+
+    for length in prefill_lengths:
+        results["peak_memory_mib"][length] = {
+            kind: peak_memory(kind, length, device, frozen if kind == "frozen" else delta)
+            for kind in ("frozen", "delta_mem")
+        }
+        print(f"peak memory, prompt {length} + 4 tokens: {results['peak_memory_mib'][length]}", flush=True)
+
+    memory_len, visible_len = train_lengths
+    delta.train()
+    frozen.train()
+    results["training_step"] = {
+        "memory_tokens": memory_len, "visible_tokens": visible_len,
+        **interleaved(lambda: timed(training_step_frozen(frozen, ids(memory_len + visible_len)), device),
+                      lambda: timed(training_step_delta(delta, ids(memory_len), ids(visible_len)), device),
+                      args.reps),
+    }
+    print(f"training step: {results['training_step']}", flush=True)
+
+    if device == "cpu":
+        scan_lengths = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
+        rows = scan_rows(scan_lengths, reps=3 if args.quick else 7, max_naive_t=4096, max_naive_bwd_t=2048)
+        results["scan"] = {row["T"]: {k: row["T"] / v for k, v in row.items() if k != "T"} for row in rows}
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    command = "python scripts/bench_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    write_markdown(results, Path(args.markdown), command)
+    print(f"wrote {args.out} and {args.markdown}")
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+
+
+def versions() -> dict:
+    import peft
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "peft_deltamem": peft_deltamem.__version__}
+
+
+def write_markdown(results: dict, path: Path, command: str) -> None:
+    """docs/benchmarks.md: the tables, the command, the machine and the versions."""
+    v = results["versions"]
+    lines = [
+        "# Benchmarks: δ-mem against the frozen model",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {results['machine']}; dtype {results['dtype']}  ",
+        f"Versions: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
+        f"peft-deltamem {v['peft_deltamem']}, Python {v['python']}",
+        "",
+        "Ratios are δ-mem / frozen, medians of interleaved repetitions in one run (lower is better, 1.00 = free).",
+        "",
+        "| workload | frozen | δ-mem | ratio |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for length, r in results["prefill"].items():
+        lines.append(f"| prefill with memory writes, T = {length} | {r['frozen_s'] * 1e3:.1f} ms | "
+                     f"{r['delta_mem_s'] * 1e3:.1f} ms | {r['ratio']:.3f} |")
+    d = results["decode"]
+    lines.append(f"| decode, per token, after a {d['prompt']}-token prompt | {d['frozen_s'] * 1e3:.2f} ms | "
+                 f"{d['delta_mem_s'] * 1e3:.2f} ms | {d['ratio']:.3f} |")
+    t = results["training_step"]
+    lines.append(f"| training step: write {t['memory_tokens']} + read {t['visible_tokens']} tokens (δ-mem) vs "
+                 f"forward+backward over {t['memory_tokens'] + t['visible_tokens']} (frozen) | "
+                 f"{t['frozen_s']:.2f} s | {t['delta_mem_s']:.2f} s | {t['ratio']:.3f} |")
+    lines += ["", "Peak memory above the loaded weights during prefill + 4 decoded tokens "
+              "(process RSS high-water mark on CPU, allocator peak on CUDA):", "",
+              "| prompt tokens | frozen | δ-mem | difference |", "| ---: | ---: | ---: | ---: |"]
+    for length, m in results["peak_memory_mib"].items():
+        lines.append(f"| {length} | {m['frozen']:.0f} MiB | {m['delta_mem']:.0f} MiB | "
+                     f"{m['delta_mem'] - m['frozen']:+.0f} MiB |")
+    if "scan" in results:
+        columns = ["naive_fwd_s", "fused_recurrent_fwd_s", "chunk_fwd_s", "auto_fwd_s", "naive_fwd_bwd_s",
+                   "chunk_fwd_bwd_s"]
+        names = [c.removesuffix("_s").replace("_fwd_bwd", " fwd+bwd").replace("_fwd", " fwd") for c in columns]
+        header = "| T | " + " | ".join(names) + " | chunk / naive (fwd) |"
+        lines += ["", "Scan throughput in tokens/s (B = 1, H = 1, r = 8, float32; `—`: not run, too slow):", "",
+                  header, "| ---: |" + " ---: |" * (len(columns) + 1)]
+        for length, row in results["scan"].items():
+            cells = [f"{row[c]:,.0f}" if c in row else "—" for c in columns]
+            ratio = f"{row['chunk_fwd_s'] / row['naive_fwd_s']:.0f}×" if "naive_fwd_s" in row else "—"
+            lines.append(f"| {length} | " + " | ".join(cells) + f" | {ratio} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
