@@ -53,7 +53,7 @@ from transformers import (  # noqa: E402
 )
 
 from peft_deltamem import DeltaMemConfig, DeltaMemLayer  # noqa: E402
-from peft_deltamem.recall_task import NAMES, NOISE, VALUES, answer_accuracy, build_tokenizer, sample_batch  # noqa: E402
+from peft_deltamem.recall_task import NAMES, NOISE, VALUES, build_tokenizer, evaluate, train_steps  # noqa: E402
 from peft_deltamem.tiny_models import tiny_model  # noqa: E402
 from peft_deltamem.training import (  # noqa: E402
     DeltaMemDataCollator,
@@ -178,38 +178,13 @@ def load_model(script_args: ScriptArguments, training_args: TrainingArguments):
 
 def pretrain_backbone_in_context(model, tokenizer, steps: int, seed: int) -> float:
     """Embedded default: teach the tiny backbone to answer from context; returns held-out in-context accuracy."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        batch = sample_batch(tokenizer, 32, generator, in_context=True)
-        batch.pop("answers")
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    held_out = sample_batch(tokenizer, 256, torch.Generator().manual_seed(seed + 10_000), in_context=True)
-    answers = held_out.pop("answers")
-    with torch.no_grad():
-        return answer_accuracy(model(**held_out).logits, answers)
+    train_steps(model, tokenizer, steps, in_context=True, seed=seed, lr=5e-3)
+    return evaluate(model, tokenizer, seed + 10_000, in_context=True)
 
 
-@torch.no_grad()
 def recall_accuracy(model, tokenizer, seed: int) -> tuple[float, float]:
     """Embedded default: held-out recall with the fact only in memory, and with an empty memory."""
-    model.eval()
-    batch = sample_batch(tokenizer, 256, torch.Generator().manual_seed(seed + 20_000))
-    answers = batch.pop("answers")
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with_memory = answer_accuracy(model(**batch).logits.cpu(), answers)
-    for key in ("memory_input_ids", "memory_attention_mask"):
-        batch.pop(key)
-    model.reset_memory()
-    with model.memory_writes(False):
-        empty = answer_accuracy(model(**batch).logits.cpu(), answers)
-    return with_memory, empty
+    return evaluate(model, tokenizer, seed + 20_000), evaluate(model, tokenizer, seed + 20_000, memory=False)
 
 
 # -------------------------------------------------------------------------------------------- the data

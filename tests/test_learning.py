@@ -15,7 +15,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_deltamem import DeltaMemConfig
-from peft_deltamem.recall_task import VALUES, answer_accuracy, build_tokenizer, sample_batch
+from peft_deltamem.recall_task import VALUES, answer_accuracy, build_tokenizer, sample_batch, train_steps
 from peft_deltamem.tiny_models import tiny_model
 from peft_deltamem.training import DeltaMemDataCollator
 
@@ -33,17 +33,9 @@ def one_thread():
 
 
 def backbone_answering_from_context(tokenizer, seed: int):
-    model = tiny_model("llama", seed=seed, vocab_size=len(tokenizer)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(BACKBONE_STEPS):
-        batch = sample_batch(tokenizer, 32, generator, in_context=True)
-        batch.pop("answers")
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval().requires_grad_(False)
+    model = tiny_model("llama", seed=seed, vocab_size=len(tokenizer))
+    train_steps(model, tokenizer, BACKBONE_STEPS, in_context=True, seed=seed, lr=5e-3)
+    return model.requires_grad_(False)
 
 
 def recall_episodes(tokenizer, n: int, seed: int) -> Dataset:

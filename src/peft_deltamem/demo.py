@@ -20,35 +20,8 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from . import DeltaMemConfig, MemoryState
-from .recall_task import VALUES, answer_accuracy, build_tokenizer, sample_batch
+from .recall_task import VALUES, build_tokenizer, evaluate, train_steps
 from .tiny_models import tiny_model
-
-
-def train(model, tokenizer, steps: int, in_context: bool, seed: int, lr: float = 3e-3) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        batch = sample_batch(tokenizer, 32, generator, in_context=in_context)
-        batch.pop("answers")
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return loss.item()
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, seed: int, in_context: bool = False, memory: bool = True) -> float:
-    batch = sample_batch(tokenizer, 256, torch.Generator().manual_seed(seed), in_context=in_context)
-    answers = batch.pop("answers")
-    if not memory:
-        batch.pop("memory_input_ids", None)
-        batch.pop("memory_attention_mask", None)
-        model.reset_memory()
-    return answer_accuracy(model(**batch).logits, answers)
 
 
 @torch.no_grad()
@@ -80,14 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("== 1. A tiny backbone that can answer from context")
     base = tiny_model("llama", seed=args.seed, vocab_size=len(tokenizer))
-    train(base, tokenizer, args.backbone_steps, in_context=True, seed=args.seed)
-    print(f"   accuracy with the fact in context: {evaluate_base(base, tokenizer):.2f} (chance {1 / len(VALUES):.2f})")
+    train_steps(base, tokenizer, args.backbone_steps, in_context=True, seed=args.seed)
+    in_context = evaluate(base, tokenizer, seed=99, in_context=True)
+    print(f"   accuracy with the fact in context: {in_context:.2f} (chance {1 / len(VALUES):.2f})")
     base.save_pretrained(out / "backbone")
 
     print("== 2. δ-mem attached to the frozen backbone; only the adapter trains, the fact only in memory")
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
     model.print_trainable_parameters()
-    train(model, tokenizer, args.memory_steps, in_context=False, seed=args.seed + 1, lr=1e-2)
+    train_steps(model, tokenizer, args.memory_steps, in_context=False, seed=args.seed + 1, lr=1e-2)
     with_memory = evaluate(model, tokenizer, seed=99)
     empty = evaluate(model, tokenizer, seed=99, memory=False)
     print(f"   held-out recall from memory: {with_memory:.2f}; with an empty memory: {empty:.2f}")
@@ -124,15 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     reloaded = ask(fresh, tokenizer, "alice likes ?")
     print(f"   reloaded model, restored memory: alice likes ? -> {reloaded}")
     print(f"   saved to {out.resolve()} ({time.perf_counter() - start:.0f} s in all)")
-    return {"recall_with_memory": with_memory, "recall_empty_memory": empty, "answer": answer,
-            "reloaded_answer": reloaded}
-
-
-def evaluate_base(base, tokenizer) -> float:
-    batch = sample_batch(tokenizer, 256, torch.Generator().manual_seed(99), in_context=True)
-    answers = batch.pop("answers")
-    with torch.no_grad():
-        return answer_accuracy(base(**batch).logits, answers)
+    return {
+        "recall_with_memory": with_memory,
+        "recall_empty_memory": empty,
+        "answer": answer,
+        "reloaded_answer": reloaded,
+    }
 
 
 if __name__ == "__main__":

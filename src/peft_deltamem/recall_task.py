@@ -116,3 +116,40 @@ def sample_batch(
 def answer_accuracy(logits: torch.Tensor, answers: torch.Tensor) -> float:
     """Share of episodes whose most likely next token after the question is the answer."""
     return (logits[:, -2].argmax(-1) == answers).float().mean().item()
+
+
+def train_steps(
+    model, tokenizer, steps: int, *, in_context: bool, seed: int, lr: float = 3e-3, batch_size: int = 32
+) -> float:
+    """AdamW over fresh batches of the task, trainable parameters only; returns the last loss."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        batch = sample_batch(tokenizer, batch_size, generator, in_context=in_context)
+        batch.pop("answers")
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, seed: int, *, in_context: bool = False, memory: bool = True, n: int = 256) -> float:
+    """Held-out answer accuracy. ``memory=False`` asks a δ-mem model with an empty memory instead."""
+    model.eval()
+    batch = sample_batch(tokenizer, n, torch.Generator().manual_seed(seed), in_context=in_context)
+    answers = batch.pop("answers")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if memory:
+        return answer_accuracy(model(**batch).logits.cpu(), answers)
+    batch.pop("memory_input_ids", None)
+    batch.pop("memory_attention_mask", None)
+    model.reset_memory()
+    with model.memory_writes(False):
+        return answer_accuracy(model(**batch).logits.cpu(), answers)
