@@ -117,18 +117,19 @@ def peak_extra_mib(fn: Callable[[], None], device: str) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def peak_memory(kind: str, length: int, device: str, model) -> float:
-    """MiB above the loaded model while prefilling ``length`` tokens and decoding 4.
+def peak_memory(kind: str, length: int, device: str, model) -> dict:
+    """MiB above the loaded model while prefilling ``length`` tokens and decoding 4, and (CPU) while decoding 16
+    more tokens after the prefill (high-water mark reset after the prefill).
 
     On CPU each measurement runs in a fresh process (the RSS high-water mark of a process that already
     ran bigger workloads says nothing); on CUDA the allocator's peak is exact in-process.
     """
     if device == "cuda":
         prompt = torch.randint(0, 1000, (1, length), device=device)
-        return peak_extra_mib(decode_steps(model, prompt, 4, device), device)
+        return {"prefill_and_decode": peak_extra_mib(decode_steps(model, prompt, 4, device), device)}
     command = [sys.executable, __file__, "--peak-worker", kind, "--peak-length", str(length)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def peak_worker(kind: str, length: int) -> None:
@@ -137,7 +138,18 @@ def peak_worker(kind: str, length: int) -> None:
     if kind == "delta_mem":
         model = get_peft_model(model, DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
     prompt = torch.randint(0, 1000, (1, length))
-    print(peak_extra_mib(decode_steps(model, prompt, 4, "cpu"), "cpu"))
+    both = peak_extra_mib(decode_steps(model, prompt, 4, "cpu"), "cpu")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = prompt[:, -1:]
+
+        def decode() -> None:
+            for _ in range(16):
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+
+        decode_only = peak_extra_mib(decode, "cpu")
+    print(json.dumps({"prefill_and_decode": both, "decode_only": decode_only}))
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -196,13 +208,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/bench_speed.json")
     parser.add_argument("--markdown", default="docs/benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite --markdown from the JSON in --out")
+    parser.add_argument("--memory-only", action="store_true", help="re-measure only peak memory into the JSON in --out")
     parser.add_argument("--peak-worker", choices=["frozen", "delta_mem"], help=argparse.SUPPRESS)
     parser.add_argument("--peak-length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_worker:
         return peak_worker(args.peak_worker, args.peak_length)
-    if args.render_only:
+    if args.render_only or args.memory_only:
         results = json.loads(Path(args.out).read_text())
+        if args.memory_only:
+            results["peak_memory_mib"] = {
+                length: {kind: peak_memory(kind, int(length), "cpu", None) for kind in ("frozen", "delta_mem")}
+                for length in results["prefill"]
+            }
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
         return write_markdown(results, Path(args.markdown), results["command"])
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -346,16 +365,20 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
     ]
     lines += [
         "",
-        "Peak memory above the loaded weights during prefill + 4 decoded tokens "
-        "(process RSS high-water mark on CPU, allocator peak on CUDA):",
+        "Peak memory above the loaded weights (process RSS high-water mark on CPU, allocator peak on CUDA): while "
+        "prefilling the prompt and decoding 4 tokens, and while decoding 16 more tokens after the prefill:",
         "",
-        "| prompt tokens | frozen | δ-mem | difference |",
-        "| ---: | ---: | ---: | ---: |",
+        "| prompt tokens | prefill+decode: frozen | δ-mem | difference | decode only: frozen | δ-mem | difference |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for length, m in results["peak_memory_mib"].items():
-        lines.append(
-            f"| {length} | {m['frozen']:.0f} MiB | {m['delta_mem']:.0f} MiB | {m['delta_mem'] - m['frozen']:+.0f} MiB |"
-        )
+        cells = []
+        for phase in ("prefill_and_decode", "decode_only"):
+            frozen, delta = m["frozen"].get(phase), m["delta_mem"].get(phase)
+            cells += (
+                ["—"] * 3 if frozen is None else [f"{frozen:.0f} MiB", f"{delta:.0f} MiB", f"{delta - frozen:+.0f} MiB"]
+            )
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "The difference is prefill workspace: the corrections are materialised as projection-sized tensors while a "
