@@ -2,7 +2,8 @@
 
 Trains (or loads from ``--cache-dir``) a tiny backbone that answers from context, trains the adapters, evaluates
 every method on the same held-out synthetic episodes over several seeds, measures cost per answer from 1k to 32k
-history tokens, and writes ``results.md``, ``bench_results.json`` and PNG plots into ``--out``.
+history tokens, and writes ``results.md`` and PNG plots into ``--out`` and the raw results as JSON into
+``--cache-dir`` (``results.json``).
 
     python scripts/bench_memory.py                 # the full run -> docs/results.md (+ docs/bench_*.png)
     python scripts/bench_memory.py --smoke --out /tmp/bench_smoke   # the CI-sized version (about a minute)
@@ -23,6 +24,8 @@ import torch
 from peft_deltamem.eval.bench_report import write_report
 from peft_deltamem.eval.benchmark import DEFAULT_CACHE_DIR, BenchmarkConfig, run_benchmark, smoke_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def machine() -> str:
     cores = os.cpu_count()
@@ -34,8 +37,12 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the CI-sized configuration")
-    parser.add_argument("--out", default="docs", help="directory for results.md, bench_results.json and the PNGs")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="checkpoint cache (re-created on demand)")
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="directory for results.md and the PNGs")
+    parser.add_argument(
+        "--cache-dir",
+        default=str(ROOT / DEFAULT_CACHE_DIR),
+        help="checkpoint cache (git-ignored; re-created on demand)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     parser.add_argument("--no-cost", action="store_true", help="skip the cost-vs-history-length curve")
     args = parser.parse_args(argv)
@@ -47,11 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(config, cost=None)
     results = run_benchmark(config, cache_dir=args.cache_dir, log=lambda m: print(m, flush=True))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
+    raw = Path(args.cache_dir) / "results.json"
+    raw.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     command = "python scripts/bench_memory.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     report = write_report(results, out, command, machine())
-    print(f"wrote {report} ({results['seconds'] / 60:.1f} min)")
+    print(f"wrote {report} and {raw} ({results['seconds'] / 60:.1f} min)")
     return results
 
 

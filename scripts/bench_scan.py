@@ -155,8 +155,9 @@ def main() -> None:
         global CLOCK
         CLOCK = time.process_time
 
-    results = scan_rows(args.T, args.batch, args.heads, args.rank, args.reps, args.warmup,
-                        args.max_naive_T, args.max_naive_bwd_T)
+    results = scan_rows(
+        args.T, args.batch, args.heads, args.rank, args.reps, args.warmup, args.max_naive_T, args.max_naive_bwd_T
+    )
 
     def cell(row: dict, key: str) -> str:
         seconds = row.get(key)

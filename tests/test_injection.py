@@ -66,8 +66,8 @@ def expected_trainable(family: str, config, r: int, heads: tuple[str, ...], num_
     cfg = config_dict(config)
     d = cfg["n_embd"] if family == "gpt2" else cfg["hidden_size"]
     out = head_out_features(family, config)
-    per_block = 3 * r * d * num_state_heads + (r * d + r) * num_state_heads + r * num_state_heads * sum(
-        out[h] for h in heads
+    per_block = (
+        3 * r * d * num_state_heads + (r * d + r) * num_state_heads + r * num_state_heads * sum(out[h] for h in heads)
     )
     return per_block * blocks
 
@@ -316,8 +316,15 @@ def tiny_t5():
 
 def tiny_bart():
     config = transformers.BartConfig(
-        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
     )
     return transformers.BartForConditionalGeneration(config)
 
@@ -334,9 +341,22 @@ def test_encoder_decoder_is_refused(build, explicit):
 def tiny_deepseek_v3():
     assert "deepseek_v3" in REFUSED_MODEL_TYPES
     config = transformers.DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-        topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
         first_k_dense_replace=1,
     )
     return transformers.AutoModelForCausalLM.from_config(config)
@@ -622,8 +642,14 @@ def test_bitsandbytes_backbone_trains_the_adapter(bits, tmp_path):
 
 def qwen3_4b_on_meta():
     config = transformers.Qwen3Config(
-        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
     )
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(config)

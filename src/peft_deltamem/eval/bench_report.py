@@ -20,10 +20,10 @@ FLAT_LATENCY_RATIO = 1.5  # "flat": cost at the longest history at most this man
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for a single value)."""
+    """Mean and the half-width of its 95% t-interval (NaN for a single value: no interval)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return mean, 0.0
+        return mean, float("nan")
     t = _T975.get(len(values) - 1, 1.96)
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
@@ -34,8 +34,13 @@ def spread(values: Sequence[float]) -> float:
 
 def per_seed(results: dict[str, Any], method: str, key: str = "accuracy") -> list[float]:
     """Per-seed values of ``default[key]`` for ``method``, in seed order."""
+    return list(per_seed_map(results, method, key).values())
+
+
+def per_seed_map(results: dict[str, Any], method: str, key: str = "accuracy") -> dict[int, float]:
+    """``{seed: default[key]}`` for ``method``, in seed order."""
     seeds = results["methods"][method]["per_seed"]
-    return [seeds[s]["default"][key] for s in sorted(seeds, key=int)]
+    return {int(s): seeds[s]["default"][key] for s in sorted(seeds, key=int)}
 
 
 def main_deltamem(results: dict[str, Any]) -> str:
@@ -46,14 +51,17 @@ def main_deltamem(results: dict[str, Any]) -> str:
 def gap_recovered(results: dict[str, Any], method: str | None = None) -> list[float]:
     """Per seed: (acc(method) - acc(truncated)) / (acc(full) - acc(truncated))."""
     method = method or main_deltamem(results)
+    full, trunc = per_seed_map(results, FULL), per_seed_map(results, TRUNCATED)
     out = []
-    for full, trunc, value in zip(per_seed(results, FULL), per_seed(results, TRUNCATED), per_seed(results, method)):
-        gap = full - trunc
-        out.append((value - trunc) / gap if gap > 0 else float("nan"))
+    for seed, value in per_seed_map(results, method).items():
+        gap = full[seed] - trunc[seed]
+        out.append((value - trunc[seed]) / gap if gap > 0 else float("nan"))
     return out
 
 
 def _fmt(mean: float, ci: float, digits: int = 3) -> str:
+    if math.isnan(ci):
+        return f"{mean:.{digits}f} (1 seed)"
     return f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 
@@ -195,36 +203,52 @@ def cost_table(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------- plots
 
 
+def _err(ci: float) -> float:
+    return 0.0 if math.isnan(ci) else ci
+
+
 def _short(name: str) -> str:
     return name.replace(", no memory", "").replace(" + truncated context", " + window")
 
 
 def plot_capacity(results: dict[str, Any], path: Path) -> None:
+    """Two panels: every baseline with the main δ-mem; every δ-mem variant (history only in memory) with the bounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name in results["methods"]:
-        cis = _capacity_ci(results, name)
-        facts = list(cis)
-        style = "-" if name.startswith("δ-mem") else "--"
-        ax.errorbar(
-            facts,
-            [cis[f][0] for f in facts],
-            yerr=[cis[f][1] for f in facts],
-            label=_short(name),
-            linestyle=style,
-            marker="o",
-            markersize=3,
-            capsize=2,
-        )
-    ax.set_xlabel("facts stated in the history")
-    ax.set_ylabel("exact match (mean over seeds, 95% CI)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Memory capacity: accuracy vs number of facts per episode")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    names = list(results["methods"])
+    main = main_deltamem(results)
+    baselines = [n for n in names if not n.startswith("δ-mem")] + [main]
+    variants = [FULL, TRUNCATED] + [n for n in names if n.startswith("δ-mem") and n.endswith("state only")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, group, title in (
+        (axes[0], baselines, "baselines vs δ-mem (history only in memory)"),
+        (axes[1], variants, "δ-mem variants (history only in memory)"),
+    ):
+        colors = plt.get_cmap("tab10")
+        for i, name in enumerate(group):
+            cis = _capacity_ci(results, name)
+            facts = list(cis)
+            ax.errorbar(
+                facts,
+                [cis[f][0] for f in facts],
+                yerr=[_err(cis[f][1]) for f in facts],
+                label=_short(name),
+                color=colors(i % 10),
+                linestyle="-" if name.startswith("δ-mem") else "--",
+                marker="o",
+                markersize=3,
+                capsize=2,
+            )
+        ax.set_xlabel("facts stated in the history")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0].set_ylabel("exact match (mean over seeds, 95% CI)")
+    fig.suptitle("Memory capacity: accuracy vs number of facts per episode")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -267,7 +291,7 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     stats = [mean_ci(per_seed(results, n)) for n in names]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(names) + 1.2))
     colors = ["tab:blue" if n.startswith("δ-mem") else "tab:gray" for n in names]
-    ax.barh(range(len(names)), [s[0] for s in stats], xerr=[s[1] for s in stats], color=colors, capsize=2)
+    ax.barh(range(len(names)), [s[0] for s in stats], xerr=[_err(s[1]) for s in stats], color=colors, capsize=2)
     ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
@@ -290,6 +314,46 @@ def write_report(results: dict[str, Any], docs_dir: str | Path, command: str, ma
     return path
 
 
+def _timing(results: dict[str, Any]) -> str:
+    """How much of the run was training, and what a run from an empty cache costs."""
+    backbone = results["backbone"]
+    cached = [t for t in results.get("training", []) if t["cached"]] + ([backbone] if backbone.get("cached") else [])
+    trained = [t for t in results.get("training", []) if not t["cached"]]
+    backbone_s = backbone["train"]["seconds"]
+    train_s = sum(t["seconds"] for t in trained) + (0 if backbone.get("cached") else backbone_s)
+    text = f"training {train_s / 60:.1f} min of it"
+    if cached:
+        saved = sum(t["seconds"] for t in results.get("training", []) if t["cached"])
+        saved += backbone_s if backbone.get("cached") else 0
+        text += (
+            f"; {len(cached)} checkpoints came from the cache, whose original training took {saved / 60:.1f} min, "
+            f"so a run from an empty cache takes about {(results['seconds'] + saved) / 60:.0f} min"
+        )
+    return text
+
+
+def training_table(results: dict[str, Any]) -> str:
+    rows = ["| model | seed | training time (s) | loaded from cache |", "| --- | ---: | ---: | --- |"]
+    backbone = results["backbone"]
+    rows.append(f"| backbone | — | {backbone['train']['seconds']:.0f} | {'yes' if backbone.get('cached') else 'no'} |")
+    for t in results.get("training", []):
+        rows.append(f"| {t['model']} | {t['seed']} | {t['seconds']:.0f} | {'yes' if t['cached'] else 'no'} |")
+    return "\n".join(rows)
+
+
+def _phases(config: dict[str, Any]) -> str:
+    parts = []
+    for phase in config["adapter_phases"]:
+        mix, train = phase["mix"], phase["train"]
+        facts = mix["num_facts"]
+        facts_text = f"{facts[0]}" if facts[0] == facts[1] else f"{facts[0]}–{facts[1]}"
+        parts.append(
+            f"{train['steps']} steps on {phase['episodes']} episodes with {facts_text} facts "
+            f"(AdamW lr {train['lr']}, batch {train['batch_size']}, warm-up + cosine)"
+        )
+    return "; then ".join(parts)
+
+
 def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
     config = results["config"]
     main = main_deltamem(results)
@@ -304,10 +368,9 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
     lines = [
         "# Does it remember? δ-mem vs full context, truncation, RAG and LoRA",
         "",
-        f"Generated by `{command}` on {machine} in {results['seconds'] / 60:.1f} min "
-        f"(backbone {'loaded from the cache' if backbone.get('cached') else 'trained in this run'}). "
-        "Everything is seeded and built locally (no downloads); checkpoints are cached under "
-        "`.cache/peft_deltamem/bench/`.",
+        f"Generated by `{command}` on {machine}: {results['seconds'] / 60:.1f} min wall time "
+        f"({_timing(results)}). Everything is seeded and built locally (no downloads); checkpoints are cached under "
+        "`.cache/peft_deltamem/bench/` and re-created when missing.",
         "",
         "## Headline",
         "",
@@ -339,11 +402,9 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
         f"- Backbone: tiny Llama (d={config['backbone']['hidden_size']}, {config['backbone']['num_layers']} layers, "
         f"{backbone['parameters']} parameters) trained {config['backbone_train']['steps']} steps with the whole "
         "history visible (answering every stated fact), then frozen and shared by all methods.",
-        f"- Adapters: {config['adapter_train']['steps']} steps each (AdamW lr {config['adapter_train']['lr']}, batch "
-        f"{config['adapter_train']['batch_size']}), on {config['train_episodes']} training episodes with "
-        f"{config['train_mix']['num_facts'][0]}–{config['train_mix']['num_facts'][1]} facts; "
-        "δ-mem rows alternate between (window visible, older history in memory) and (question only, whole history in "
-        "memory); LoRA (q, k, v, o) sees the same episodes' visible streams with no memory, with the rank whose "
+        f"- Adapters (δ-mem and LoRA alike, the same episodes per seed): {_phases(config)}. δ-mem rows alternate "
+        "between (window visible, older history in memory) and (question only, whole history in memory); LoRA "
+        "(q, k, v, o) sees the same episodes' visible streams with no memory (static weights), with the rank whose "
         "parameter count is closest to δ-mem TSW r=8's.",
         f"- Evaluation: {config['eval_episodes']} held-out episodes per seed at the default setting, "
         f"{config['capacity_episodes']} per point of the capacity curve; seeds {list(config['seeds'])} (each seed: "
@@ -355,8 +416,8 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
         f"{config['latency_episodes']} episodes; δ-mem's memory is written before the timer starts (the history "
         "arrived earlier; write time in parentheses); BM25's indexing and retrieval are timed with the answer. "
         "Peak memory: growth of the process's peak resident set size during the answer (Linux VmHWM reset "
-        "through /proc/self/clear_refs), not tracemalloc (which does not see torch allocations). Timings on a "
-        "shared CPU are noisy.",
+        "through /proc/self/clear_refs), not tracemalloc (which does not see torch allocations); 0.0 means the call "
+        "fit in memory the process already held. Timings on a shared CPU are noisy.",
         "",
         "## Accuracy at the default setting",
         "",
@@ -383,4 +444,5 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
             "",
             cost_table(results),
         ]
+    lines += ["", "## Training time", "", training_table(results)]
     return "\n".join(lines) + "\n"

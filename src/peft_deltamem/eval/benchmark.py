@@ -17,6 +17,7 @@ Protocol (everything seeded, nothing downloaded):
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -75,30 +76,53 @@ DEFAULT_VARIANTS = (
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One adapter-training phase: ``episodes`` drawn from ``mix``, trained with ``train``."""
+
+    mix: EpisodeMix
+    train: TrainSpec
+    episodes: int
+
+
+# Single-fact episodes with short, value-free distractors: a cheap warm-up that gets the adapters past the initial
+# plateau (learning *what* to write and how to read it out) before the full mix (which facts, which update).
+WARMUP_MIX = EpisodeMix(
+    num_facts=(1, 1),
+    num_updates=(0, 0),
+    num_distractors=(1, 3),
+    num_sessions=(1, 1),
+    visible_turns=2,
+    value_distractor_rate=0.0,
+)
+TRAIN_MIX = EpisodeMix(num_facts=(1, 10), num_updates=(0, 3), num_distractors=(0, 8), num_sessions=(1, 3))
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     """Every knob of a benchmark run (its hash keys the checkpoint cache).
 
     ``eval_mix`` is the default setting (4 facts); ``capacity_facts`` re-evaluates it at other numbers of facts.
-    ``variants[0]`` is the main δ-mem configuration (also evaluated with the visible window, and the reference
-    of the LoRA budget). ``extra_questions`` adds Q/A pairs about other facts to training sequences.
+    ``variants[0]`` is the main δ-mem configuration (the reference of the LoRA budget); the other variants
+    (ablations) are trained and evaluated on the ``ablation_seeds`` only, to bound the run time. The backbone trains on
+    ``train_mix`` with the history visible; every adapter (δ-mem and LoRA alike) trains through ``adapter_phases``
+    on the same episodes. ``extra_questions`` adds Q/A pairs about other facts to training sequences.
     """
 
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     backbone_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, lr=3e-3))
-    adapter_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=400, lr=3e-3))
-    train_mix: EpisodeMix = field(
-        default_factory=lambda: EpisodeMix(
-            num_facts=(1, 10), num_updates=(0, 3), num_distractors=(0, 8), num_sessions=(1, 3)
-        )
+    train_mix: EpisodeMix = TRAIN_MIX
+    backbone_episodes: int = 16384
+    adapter_phases: tuple[Phase, ...] = (
+        Phase(WARMUP_MIX, TrainSpec(steps=500, lr=1e-2), 2048),
+        Phase(TRAIN_MIX, TrainSpec(steps=800, lr=1e-2), 4096),
     )
     eval_mix: EpisodeMix = field(default_factory=EpisodeMix)
     capacity_facts: tuple[int, ...] = (1, 2, 4, 6, 8, 10)
-    train_episodes: int = 4096
-    backbone_episodes: int = 16384
     eval_episodes: int = 256
     capacity_episodes: int = 128
     extra_questions: int = 9
     seeds: tuple[int, ...] = (0, 1, 2)
+    ablation_seeds: tuple[int, ...] = (0,)
     backbone_seed: int = 0
     variants: tuple[DeltaMemVariant, ...] = DEFAULT_VARIANTS
     rag_k: tuple[int, ...] = (1, 2, 4)
@@ -149,16 +173,19 @@ def _train_backbone(config: BenchmarkConfig, tokenizer, cache: Path, log: _Logge
         stats = train(model, tokenizer, features, config.backbone_train, config.backbone_seed, memory=False, log=log)
         return model, {"train": stats, "parameters": sum(p.numel() for p in model.parameters())}
 
-    key = config.key(
-        "backbone",
+    return cached_backbone(cache, config.key("backbone", *_backbone_parts(config)), make)
+
+
+def _backbone_parts(config: BenchmarkConfig) -> tuple:
+    """What determines the trained backbone (part of every cache key)."""
+    return (
         config.backbone,
         config.backbone_train,
         config.train_mix,
-        config.train_episodes,
+        config.backbone_episodes,
         config.extra_questions,
         config.backbone_seed,
     )
-    return cached_backbone(cache, key, make)
 
 
 def _adapter_training_features(builder: FeatureBuilder, episodes: Sequence[SyntheticEpisode], memory: bool):
@@ -167,32 +194,32 @@ def _adapter_training_features(builder: FeatureBuilder, episodes: Sequence[Synth
     return [builder.build(e, views[i % 2]) for i, e in enumerate(episodes)]
 
 
+def _train_phases(model, tokenizer, phases: Sequence[tuple[Phase, list]], seed: int, memory: bool, log) -> dict:
+    stats = {}
+    for i, (phase, features) in enumerate(phases):
+        stats[f"phase{i}"] = train(model, tokenizer, features, phase.train, 100 * seed + i, memory, log)
+    return stats
+
+
 def _train_adapters(config: BenchmarkConfig, tokenizer, backbone, seed: int, cache: Path, log: _Logger) -> list[Method]:
-    episodes = config.train_mix.sample(2000 + seed, config.train_episodes)
     builder = FeatureBuilder(tokenizer, config.extra_questions, seed=seed)
-    memory_features = _adapter_training_features(builder, episodes, memory=True)
+    episodes = [phase.mix.sample(2000 + 10 * seed + i, phase.episodes) for i, phase in enumerate(config.adapter_phases)]
+    memory_phases = [
+        (phase, _adapter_training_features(builder, eps, memory=True))
+        for phase, eps in zip(config.adapter_phases, episodes)
+    ]
+    common = (config.adapter_phases, seed, *_backbone_parts(config))
     methods: list[Method] = []
-    for variant in config.variants:
+    variants = config.variants if seed in config.ablation_seeds else config.variants[:1]
+    for variant in variants:
 
         def make(base, variant=variant):
             torch.manual_seed(seed)
             model = get_peft_model(base, variant.config())
             log(f"seed {seed}: training δ-mem {variant.name} ({count_trainable(model)} parameters)")
-            return model, {"train": train(model, tokenizer, memory_features, config.adapter_train, seed, True, log)}
+            return model, {"train": _train_phases(model, tokenizer, memory_phases, seed, True, log)}
 
-        key = config.key(
-            "deltamem",
-            variant,
-            config.adapter_train,
-            config.train_mix,
-            config.train_episodes,
-            config.extra_questions,
-            seed,
-            config.backbone,
-            config.backbone_train,
-            config.backbone_seed,
-        )
-        model, info = cached_adapter(cache, key, backbone, make)
+        model, info = cached_adapter(cache, config.key("deltamem", variant, *common), backbone, make)
         trainable = sum(p.numel() for n, p in model.named_parameters() if "delta_mem_" in n)
         for view, suffix in (("memory_only", "state only"), ("memory_window", "+ truncated context")):
             methods.append(Method(f"δ-mem {variant.name} {suffix}", "memory", view, model, True, 0, trainable, info))
@@ -203,30 +230,16 @@ def _train_adapters(config: BenchmarkConfig, tokenizer, backbone, seed: int, cac
 
         def make_lora(base):
             torch.manual_seed(seed)
-            model = get_peft_model(
-                base,
-                LoraConfig(
-                    task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0
-                ),
-            )
+            lora = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=list(targets))
+            model = get_peft_model(base, lora)
             log(f"seed {seed}: training LoRA r={rank} ({count_trainable(model)} parameters; δ-mem budget {budget})")
-            features = _adapter_training_features(builder, episodes, memory=False)
-            return model, {"train": train(model, tokenizer, features, config.adapter_train, seed, False, log)}
+            phases = [
+                (phase, _adapter_training_features(builder, eps, memory=False))
+                for phase, eps in zip(config.adapter_phases, episodes)
+            ]
+            return model, {"train": _train_phases(model, tokenizer, phases, seed, False, log)}
 
-        key = config.key(
-            "lora",
-            rank,
-            targets,
-            config.adapter_train,
-            config.train_mix,
-            config.train_episodes,
-            config.extra_questions,
-            seed,
-            config.backbone,
-            config.backbone_train,
-            config.backbone_seed,
-        )
-        model, info = cached_adapter(cache, key, backbone, make_lora)
+        model, info = cached_adapter(cache, config.key("lora", rank, targets, *common), backbone, make_lora)
         trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         methods.append(Method(f"LoRA r={rank} (matched budget)", "lora", "window", model, False, 0, trainable, info))
     return methods
@@ -242,54 +255,53 @@ def _baselines(config: BenchmarkConfig, backbone) -> list[Method]:
     return methods
 
 
-def _latency(method: Method, tokenizer, builder: FeatureBuilder, episodes: Sequence[SyntheticEpisode]) -> dict:
-    """Median wall time and peak RSS growth of answering one question (batch 1, prompt prefill + 1 token).
+@torch.no_grad()
+def _next_token(method: Method, feature: dict) -> torch.Tensor:
+    """One answer: prefill the prompt and return the next-token logits (δ-mem reads the memory, writes off)."""
+    ids = torch.tensor([feature["input_ids"][: context_tokens(feature)]])
+    writes = method.model.memory_writes(False) if method.memory else contextlib.nullcontext()
+    with writes:
+        return method.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1).logits
 
-    δ-mem: the memory is written first (not timed; a one-time cost paid when the history arrived, timed apart
-    as ``write_ms``); BM25: building the index and retrieving are timed with the answer.
+
+@torch.no_grad()
+def _write(model, feature: dict) -> None:
+    """Write an episode's memory stream into an empty memory (eval mode keeps it for the next call)."""
+    memory = torch.tensor([feature["memory_input_ids"]])
+    model.reset_memory()
+    with model.memory_writes(True):
+        model(
+            input_ids=memory,
+            attention_mask=torch.ones_like(memory),
+            memory_segment_ids=torch.tensor([feature["memory_segment_ids"]]),
+        )
+
+
+def _latency(method: Method, builder: FeatureBuilder, episodes: Sequence[SyntheticEpisode]) -> dict:
+    """Median wall time and peak RSS growth of answering one question (batch 1, prompt prefill + next token).
+
+    δ-mem: the memory is written first (not timed with the answer: a one-time cost paid when the history arrived;
+    reported apart as ``write_ms``); BM25: indexing the history and retrieving are timed with the answer.
     """
-    model = method.model
     times, peaks, writes = [], [], []
     for episode in episodes:
         if method.kind == "rag":
-            retrieve = None
 
             def run(episode=episode):
-                nonlocal retrieve
-                retrieve = builder.build(episode, "rag", bm25_top_k(episode, method.rag_k))
-                ids = torch.tensor([retrieve["input_ids"][: context_tokens(retrieve)]])
-                return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+                return _next_token(method, builder.build(episode, "rag", bm25_top_k(episode, method.rag_k)))
         else:
             feature = builder.build(episode, method.view)
-            ids = torch.tensor([feature["input_ids"][: context_tokens(feature)]])
             if method.memory:
-                memory = torch.tensor([feature["memory_input_ids"]])
+                writes.append(measure(lambda feature=feature: _write(method.model, feature))[1])
 
-                def write(memory=memory, feature=feature):
-                    model.reset_memory()
-                    with torch.no_grad(), model.memory_writes(True):
-                        model(
-                            input_ids=memory,
-                            attention_mask=torch.ones_like(memory),
-                            memory_segment_ids=torch.tensor([feature["memory_segment_ids"]]),
-                        )
+            def run(feature=feature):
+                return _next_token(method, feature)
 
-                writes.append(measure(write)[1])
-
-            def run(ids=ids):
-                with torch.no_grad():
-                    if method.memory:
-                        with model.memory_writes(False):
-                            return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
-                    return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
-
-        with torch.no_grad():
-            _, seconds, peak = measure(run)
+        _, seconds, peak = measure(run)
         times.append(seconds)
         peaks.append(peak)
-    result = {"latency_ms": 1e3 * statistics.median(times)}
     known = [p for p in peaks if p is not None]
-    result["peak_mib"] = statistics.median(known) if known else None
+    result = {"latency_ms": 1e3 * statistics.median(times), "peak_mib": statistics.median(known) if known else None}
     if writes:
         result["write_ms"] = 1e3 * statistics.median(writes)
     return result
@@ -311,10 +323,11 @@ def run_benchmark(
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole benchmark; returns ``{"config", "backbone", "methods", "seeds", "cost", "seconds", ...}``.
+    """Run the whole benchmark; returns ``{"config", "backbone", "methods", "training", "cost", "seconds", ...}``.
 
     ``methods`` maps each method name to ``{"kind", "trainable", "per_seed": {seed: {"default": {...},
-    "capacity": {facts: {...}}, "latency": {...}}}}``.
+    "capacity": {facts: accuracy}, "latency": {...}, "train": {...}}}}``; ``training`` lists every adapter's
+    training time (``cached``: loaded from ``cache_dir`` in this run, its time is the original training's).
     """
     logger = _Logger(log)
     cache = Path(cache_dir)
@@ -323,10 +336,20 @@ def run_benchmark(
     backbone, backbone_info = _train_backbone(config, tokenizer, cache, logger)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    results: dict[str, Any] = {"methods": {}, "backbone": backbone_info}
+    results: dict[str, Any] = {"methods": {}, "backbone": backbone_info, "training": []}
     builder = FeatureBuilder(tokenizer)  # evaluation: the episode's own question only
     for seed in config.seeds:
-        methods = _baselines(config, backbone) + _train_adapters(config, tokenizer, backbone, seed, cache, logger)
+        adapters = _train_adapters(config, tokenizer, backbone, seed, cache, logger)
+        unique: dict[int, Method] = {}
+        for method in adapters:
+            unique.setdefault(id(method.model), method)  # both views of a δ-mem adapter share one model
+        for method in unique.values():
+            seconds = sum(phase["seconds"] for phase in method.info["train"].values())
+            name = method.name.removesuffix(" state only")
+            results["training"].append(
+                {"model": name, "seed": seed, "seconds": seconds, "cached": method.info["cached"]}
+            )
+        methods = _baselines(config, backbone) + adapters
         default_episodes = config.eval_mix.sample(1000 + seed, config.eval_episodes)
         capacity = {
             f: replace(config.eval_mix, num_facts=(f, f)).sample(3000 + 100 * seed + f, config.capacity_episodes)
@@ -340,7 +363,7 @@ def run_benchmark(
             per_seed = {
                 "default": _evaluate(method, tokenizer, builder, default_episodes),
                 "capacity": {f: _evaluate(method, tokenizer, builder, eps)["accuracy"] for f, eps in capacity.items()},
-                "latency": _latency(method, tokenizer, builder, default_episodes[: config.latency_episodes]),
+                "latency": _latency(method, builder, default_episodes[: config.latency_episodes]),
                 "train": method.info.get("train"),
             }
             entry["per_seed"][seed] = per_seed
@@ -356,22 +379,21 @@ def run_benchmark(
 
 
 def smoke_config() -> BenchmarkConfig:
-    """A CI-sized benchmark (about a minute on 2 CPU cores): short histories, one δ-mem variant, two seeds."""
-    task = dict(visible_turns=2, num_values=8, value_distractor_rate=0.0)
+    """A CI-sized benchmark (about a minute on 2 CPU cores): single-fact episodes, one δ-mem variant, two seeds."""
+    mix = replace(WARMUP_MIX, num_distractors=(1, 3))
     return BenchmarkConfig(
         backbone_train=TrainSpec(steps=300, lr=3e-3),
-        adapter_train=TrainSpec(steps=200, lr=3e-3),
-        train_mix=EpisodeMix(num_facts=(1, 1), num_updates=(0, 0), num_distractors=(1, 3), num_sessions=(1, 1), **task),
-        eval_mix=EpisodeMix(num_facts=(1, 1), num_updates=(0, 0), num_distractors=(2, 2), num_sessions=(1, 1), **task),
+        train_mix=mix,
+        backbone_episodes=1024,
+        adapter_phases=(Phase(mix, TrainSpec(steps=200, lr=3e-3), 1024),),
+        eval_mix=replace(mix, num_distractors=(2, 2)),
         capacity_facts=(1, 2),
-        train_episodes=1024,
         eval_episodes=128,
         capacity_episodes=64,
         extra_questions=1,
         seeds=(0, 1),
         variants=DEFAULT_VARIANTS[:1],
         rag_k=(1,),
-        lora=True,
         latency_episodes=2,
         cost=CostSpec(history_tokens=(256, 1024), visible_turns=2),
     )

@@ -179,9 +179,7 @@ def chunk_delta_rule(
 
     # Chunk transition per row: s_end = s0 (chunk_decay I - w^T diag(e) K) + (e * u_free)^T K.
     we = (w * e.unsqueeze(-1)).transpose(-1, -2).reshape(bh, n_chunks, rank * rank, size)
-    trans = torch.diag_embed(chunk_decay.expand(-1, -1, -1, rank)) - (we @ k).view(
-        bh, n_chunks, rank, rank, rank
-    )
+    trans = torch.diag_embed(chunk_decay.expand(-1, -1, -1, rank)) - (we @ k).view(bh, n_chunks, rank, rank, rank)
     offset = (e * u_free) @ k  # (BH, N, row, r)
 
     state0 = state0.reshape(bh, rank, rank)
