@@ -2,11 +2,12 @@
 
 Trains (or loads from ``--cache-dir``) a tiny backbone that answers from context, trains the adapters, evaluates
 every method on the same held-out synthetic episodes over several seeds, measures cost per answer from 1k to 32k
-history tokens, and writes ``results.md`` and PNG plots into ``--out`` and the raw results as JSON into
-``--cache-dir`` (``results.json``).
+history tokens, and writes ``results.md``, the PNG plots and the raw results (``bench_results.json``) into ``--out``.
+``--render-only`` re-renders the page and plots from an existing ``bench_results.json``.
 
     python scripts/bench_memory.py                 # the full run -> docs/results.md (+ docs/bench_*.png)
     python scripts/bench_memory.py --smoke --out /tmp/bench_smoke   # the CI-sized version (about a minute)
+    python scripts/bench_memory.py --render-only   # docs/bench_results.json -> docs/results.md + plots
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the CI-sized configuration")
-    parser.add_argument("--out", default=str(ROOT / "docs"), help="directory for results.md and the PNGs")
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="directory for results.md, the PNGs and the JSON")
     parser.add_argument(
         "--cache-dir",
         default=str(ROOT / DEFAULT_CACHE_DIR),
@@ -45,7 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     parser.add_argument("--no-cost", action="store_true", help="skip the cost-vs-history-length curve")
+    parser.add_argument("--render-only", action="store_true", help="re-render from --out/bench_results.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    raw = out / "bench_results.json"
+    if args.render_only:
+        if not raw.is_file():
+            parser.error(f"--render-only needs {raw}; run the benchmark first (without --render-only)")
+        results = json.loads(raw.read_text())
+        report = write_report(results, out, results["command"], results["machine"])
+        print(f"re-rendered {report} from {raw}")
+        return results
 
     config = smoke_config() if args.smoke else BenchmarkConfig()
     if args.seeds:
@@ -53,11 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_cost:
         config = dataclasses.replace(config, cost=None)
     results = run_benchmark(config, cache_dir=args.cache_dir, log=lambda m: print(m, flush=True))
-    out = Path(args.out)
-    raw = Path(args.cache_dir) / "results.json"
-    raw.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     command = "python scripts/bench_memory.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    report = write_report(results, out, command, machine())
+    results["command"], results["machine"] = command, machine()
+    out.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
+    report = write_report(results, out, command, results["machine"])
     print(f"wrote {report} and {raw} ({results['seconds'] / 60:.1f} min)")
     return results
 

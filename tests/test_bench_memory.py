@@ -33,11 +33,11 @@ def smoke(tmp_path_factory):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     results = script.main(["--smoke", "--out", str(out / "docs"), "--cache-dir", str(out / "cache")])
-    return results, out
+    return results, out, script
 
 
 def test_smoke_deltamem_beats_truncation_by_more_than_the_seed_spread(smoke):
-    results, _ = smoke
+    results, _, _ = smoke
     memory, truncated = per_seed(results, MAIN), per_seed(results, TRUNCATED)
     assert len(memory) == len(truncated) == 2
     margin = statistics.fmean(memory) - statistics.fmean(truncated)
@@ -47,11 +47,11 @@ def test_smoke_deltamem_beats_truncation_by_more_than_the_seed_spread(smoke):
 
 
 def test_smoke_report_and_outputs(smoke):
-    results, out = smoke
+    results, out, _ = smoke
     docs = out / "docs"
-    for name in ("results.md", "bench_accuracy.png", "bench_capacity.png", "bench_cost.png"):
+    for name in ("results.md", "bench_results.json", "bench_accuracy.png", "bench_capacity.png", "bench_cost.png"):
         assert (docs / name).is_file() and (docs / name).stat().st_size > 0, name
-    saved = json.loads((out / "cache" / "results.json").read_text())
+    saved = json.loads((docs / "bench_results.json").read_text())
     assert set(saved) >= {"methods", "backbone", "cost", "config", "seconds"}
     names = set(results["methods"])
     assert {"full context", TRUNCATED, MAIN, "BM25 top-1 + truncated context"} <= names
@@ -70,6 +70,19 @@ def test_smoke_report_and_outputs(smoke):
     text = (docs / "results.md").read_text()
     assert "## Goals" in text and "Memory capacity" in text and "Cost per answer" in text
     assert (out / "cache").is_dir() and any((out / "cache").glob("backbone-*/bench_info.json"))
+
+
+def test_render_only_reproduces_the_page_from_the_json(smoke):
+    _, out, script = smoke
+    docs = out / "docs"
+    page = (docs / "results.md").read_text()
+    (docs / "results.md").unlink()
+    (docs / "bench_cost.png").unlink()
+    script.main(["--render-only", "--out", str(docs)])
+    assert (docs / "results.md").read_text() == page
+    assert (docs / "bench_cost.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        script.main(["--render-only", "--out", str(out / "nowhere")])
 
 
 def test_features_views():
