@@ -15,6 +15,32 @@ from peft_deltamem.tiny_models import tiny_model  # noqa: E402
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run several times faster on one thread, much more so on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def cpu_training_args(output_dir, **overrides):
+    """``TrainingArguments`` for tests: CPU, no reporting, no saving, the memory columns kept."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        remove_unused_columns=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+@pytest.fixture
 def llama():
     return tiny_model("llama")
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
+from conftest import cpu_training_args
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.recall_task import VALUES, answer_accuracy, build_tokenizer, sample_batch, train_steps
 from peft_deltamem.tiny_models import tiny_model
@@ -24,12 +25,7 @@ DELTA_MEM_STEPS = 100
 HELD_OUT = 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone_answering_from_context(tokenizer, seed: int):
@@ -77,20 +73,14 @@ def test_delta_mem_recalls_a_fact_only_seen_in_memory(tmp_path, seed):
     tokenizer = build_tokenizer()
     base = backbone_answering_from_context(tokenizer, seed)
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = cpu_training_args(
+        tmp_path,
         max_steps=DELTA_MEM_STEPS,
         per_device_train_batch_size=32,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
-        use_cpu=True,
-        report_to="none",
-        remove_unused_columns=False,
-        save_strategy="no",
         logging_steps=DELTA_MEM_STEPS,
-        disable_tqdm=True,
         seed=seed,
-        dataloader_pin_memory=False,
     )
     trainer = Trainer(
         model=model,

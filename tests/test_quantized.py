@@ -11,8 +11,9 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from datasets import Dataset  # noqa: E402
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer  # noqa: E402
 
+from conftest import cpu_training_args  # noqa: E402
 from peft_deltamem import DeltaMemConfig  # noqa: E402
 from peft_deltamem.recall_task import build_tokenizer, sample_batch  # noqa: E402
 from peft_deltamem.tiny_models import tiny_model  # noqa: E402
@@ -27,12 +28,7 @@ QUANTIZATIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +81,13 @@ def test_kbit_training_and_adapter_round_trip(tmp_path, saved_base, tokenizer, k
     with torch.no_grad():
         before = model.eval()(**batch).loss.item()
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
+    args = cpu_training_args(
+        tmp_path / "run",
         max_steps=8,
         per_device_train_batch_size=8,
         learning_rate=2e-2,
         lr_scheduler_type="constant",
-        use_cpu=True,
-        report_to="none",
-        remove_unused_columns=False,
-        save_strategy="no",
         logging_steps=1,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
     )
     trainer = Trainer(
         model=model,

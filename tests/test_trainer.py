@@ -15,6 +15,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from conftest import cpu_training_args
 from peft_deltamem import DeltaMemConfig, DeltaMemLayer
 from peft_deltamem.tiny_models import tiny_model
 from peft_deltamem.training import (
@@ -56,35 +57,15 @@ def delta_mem_model(tokenizer, seed: int = 0, **config):
 
 
 def trainer_args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to="none",
-        remove_unused_columns=False,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    kwargs = dict(per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, logging_steps=1, seed=0)
+    return cpu_training_args(tmp_path, **{**kwargs, **overrides})
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread, much more so on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
