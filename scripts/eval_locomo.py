@@ -53,8 +53,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--role", choices=("user", "alternate"), default="user", help="chat role of the speakers")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on GPU, else fp32")
+    parser.add_argument(
+        "--porter-stemmer",
+        action="store_true",
+        help="stem tokens with NLTK's Porter stemmer before scoring, as LoCoMo's published numbers do (needs nltk)",
+    )
     parser.add_argument("--output", default=None, help="where to write predictions and scores (JSON)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.porter_stemmer:
+        try:
+            from nltk.stem import PorterStemmer
+        except ImportError:
+            parser.error("--porter-stemmer needs NLTK: pip install nltk (or drop the flag to score without stemming)")
+        args.stemmer = PorterStemmer().stem
+    else:
+        args.stemmer = None
+    return args
 
 
 def load_model(args: argparse.Namespace, device: torch.device):
@@ -90,8 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         limit_questions=args.limit_questions,
         role=args.role,
     )
-    result = run_locomo(model, tokenizer, conversations, config, device, progress=lambda m: print(m, flush=True))
-    result["args"] = vars(args)
+    result = run_locomo(
+        model, tokenizer, conversations, config, device, progress=lambda m: print(m, flush=True), stemmer=args.stemmer
+    )
+    result["args"] = {k: v for k, v in vars(args).items() if k != "stemmer"}
     scores = result["scores"]
     print(f"mode={args.mode} F1={scores['f1']:.4f} over {scores['count']} questions")
     for category, entry in scores["per_category"].items():

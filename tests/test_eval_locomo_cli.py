@@ -146,6 +146,46 @@ def test_cli_modes(model_dirs, tmp_path, mode, tokenizer, adapter, extra):
         assert all((r["memory_tokens"] > 0) == (adapter is not None) for r in records)
 
 
+def _fake_nltk(monkeypatch, stem):
+    """Install a stand-in ``nltk.stem`` module (NLTK is not a dependency)."""
+    import types
+
+    stem_module = types.ModuleType("nltk.stem")
+    stem_module.PorterStemmer = type("PorterStemmer", (), {"stem": lambda self, word: stem(word)})
+    nltk = types.ModuleType("nltk")
+    nltk.stem = stem_module
+    monkeypatch.setitem(sys.modules, "nltk", nltk)
+    monkeypatch.setitem(sys.modules, "nltk.stem", stem_module)
+
+
+def test_porter_stemmer_flag_scores_with_the_stemmer(model_dirs, tmp_path, monkeypatch):
+    from peft_deltamem.eval.locomo import score_answer
+
+    def one_stem(word: str) -> str:  # every token matches: a random model's answers score above 0 only if used
+        return "x"
+
+    _fake_nltk(monkeypatch, one_stem)
+    output = tmp_path / "stemmed.json"
+    argv = ["--model", str(model_dirs["plain"]), "--mode", "truncated", "--max-visible-tokens", "128"]
+    argv += ["--limit-conversations", "1", "--limit-questions", "4", "--max-new-tokens", "6", "--device", "cpu"]
+    result = _load_script().main([*argv, "--porter-stemmer", "--output", str(output)])
+    per_question = result["scores"]["per_question"]
+    changed = 0
+    for record in result["predictions"]:
+        stemmed = score_answer(record["prediction"], record["answer"], record["category"], one_stem)
+        assert per_question[record["qid"]] == pytest.approx(stemmed)
+        changed += stemmed != score_answer(record["prediction"], record["answer"], record["category"])
+    assert changed > 0
+    assert json.loads(output.read_text())["args"]["porter_stemmer"] is True
+
+
+def test_porter_stemmer_flag_without_nltk_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nltk", None)  # import nltk -> ImportError
+    with pytest.raises(SystemExit):
+        _load_script().parse_args(["--model", "m", "--porter-stemmer"])
+    assert "pip install nltk" in capsys.readouterr().err
+
+
 def test_memory_chunks_keep_messages_whole():
     segments = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3]
     ids = list(range(len(segments)))

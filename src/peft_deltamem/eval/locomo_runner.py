@@ -218,8 +218,11 @@ def run_locomo(
     config: LocomoRunConfig,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
+    stemmer: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """Answer and score the questions of ``conversations``.
+
+    ``stemmer`` is applied to every token before scoring (LoCoMo's published numbers use NLTK's Porter stemmer).
 
     Returns ``{"config", "scores", "predictions", "timing"}``: ``scores`` is :func:`locomo.score_predictions`'s
     dict (``f1``, ``count``, ``per_category``, ``per_question``), ``predictions`` one record per question
@@ -235,7 +238,8 @@ def run_locomo(
         records += conv_records
         if progress is not None:
             progress(f"[{i + 1}/{len(conversations)}] {conv.sample_id}: {len(conv_records)} questions")
-    scores = score_predictions(all_episodes, {r["qid"]: r["prediction"] for r in records}, config.categories)
+    predictions = {r["qid"]: r["prediction"] for r in records}
+    scores = score_predictions(all_episodes, predictions, config.categories, stemmer=stemmer)
     latencies = [r["latency_s"] for r in records]
     return {
         "config": asdict(config),
