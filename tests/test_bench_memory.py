@@ -139,6 +139,25 @@ def test_lora_rank_matches_budget():
     assert lora_rank_for_budget(model, 7 * per_rank + 3, ("q_proj", "k_proj", "v_proj", "o_proj")) == 7
 
 
+def test_measure_sees_a_peak_served_from_memory_the_process_freed_earlier():
+    """Without handing freed heap pages back first, the second call would show (almost) no growth."""
+    import gc
+
+    from peft_deltamem.eval.bench_cost import measure
+
+    def allocate():  # 10 x 20 MB, touched: glibc serves these from its heap once a 20 MB block has been freed
+        return sum(float(torch.ones(5_000_000)[0]) for _ in range(10))
+
+    held = [torch.ones(5_000_000) for _ in range(10)]
+    del held
+    gc.collect()
+    _, _, first = measure(allocate)
+    _, _, second = measure(allocate)
+    if first is None:
+        pytest.fail("/proc/self/clear_refs is not writable here: peak memory cannot be measured")
+    assert first > 15 and second > 15, (first, second)
+
+
 def test_mean_ci():
     mean, ci = mean_ci([0.5, 0.7])
     assert mean == pytest.approx(0.6) and ci == pytest.approx(12.706 * 0.1414213 / 1.4142135, rel=1e-4)

@@ -132,6 +132,21 @@ def losses(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def variant_ranking(results: dict[str, Any]) -> list[str]:
+    """The δ-mem variants with the history only in memory, best first, with their budget and the bounds."""
+    names = [n for n in results["methods"] if n.startswith("δ-mem") and n.endswith("state only")]
+    stats = {n: mean_ci(per_seed(results, n)) for n in names}
+    full_mean, _ = mean_ci(per_seed(results, FULL))
+    lines = []
+    for name in sorted(names, key=lambda n: -stats[n][0]):
+        relative = "above" if stats[name][0] > full_mean else "below"
+        lines.append(
+            f"{name}: {_fmt(*stats[name])}, {results['methods'][name]['trainable']} trainable parameters "
+            f"({relative} full context's {full_mean:.3f})"
+        )
+    return lines
+
+
 def capacity_means(results: dict[str, Any], method: str) -> dict[int, float]:
     seeds = results["methods"][method]["per_seed"]
     facts = sorted({int(f) for s in seeds.values() for f in s["capacity"]})
@@ -203,10 +218,6 @@ def cost_table(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------- plots
 
 
-def _err(ci: float) -> float:
-    return 0.0 if math.isnan(ci) else ci
-
-
 def _short(name: str) -> str:
     return name.replace(", no memory", "").replace(" + truncated context", " + window")
 
@@ -231,11 +242,12 @@ def plot_capacity(results: dict[str, Any], path: Path) -> None:
         for i, name in enumerate(group):
             cis = _capacity_ci(results, name)
             facts = list(cis)
+            one_seed = all(math.isnan(cis[f][1]) for f in facts)
             ax.errorbar(
                 facts,
                 [cis[f][0] for f in facts],
-                yerr=[_err(cis[f][1]) for f in facts],
-                label=_short(name),
+                yerr=None if one_seed else [cis[f][1] for f in facts],
+                label=_short(name) + (" (1 seed)" if one_seed else ""),
                 color=colors(i % 10),
                 linestyle="-" if name.startswith("δ-mem") else "--",
                 marker="o",
@@ -291,11 +303,21 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     stats = [mean_ci(per_seed(results, n)) for n in names]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(names) + 1.2))
     colors = ["tab:blue" if n.startswith("δ-mem") else "tab:gray" for n in names]
-    ax.barh(range(len(names)), [s[0] for s in stats], xerr=[_err(s[1]) for s in stats], color=colors, capsize=2)
-    ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=8)
+    ax.barh(range(len(names)), [s[0] for s in stats], color=colors)
+    with_ci = [i for i, s in enumerate(stats) if not math.isnan(s[1])]
+    ax.errorbar(
+        [stats[i][0] for i in with_ci],
+        with_ci,
+        xerr=[stats[i][1] for i in with_ci],
+        fmt="none",
+        ecolor="black",
+        capsize=2,
+    )
+    labels = [_short(n) + (" (1 seed)" if math.isnan(s[1]) else "") for n, s in zip(names, stats)]
+    ax.set_yticks(range(len(names)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("exact match at the default setting (mean over seeds, 95% CI)")
+    ax.set_xlabel("exact match at the default setting (mean over seeds, 95% CI where more than one seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -375,9 +397,9 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
         "## Headline",
         "",
         f"With the history **only in memory** ({main}), the frozen tiny backbone answers "
-        f"**{main_mean:.3f} ± {main_ci:.3f}** exact match, against {trunc_mean:.3f} with a truncated context and no "
+        f"**{_fmt(main_mean, main_ci)}** exact match, against {trunc_mean:.3f} with a truncated context and no "
         f"memory and {full_mean:.3f} with the full history in context: δ-mem recovers "
-        f"**{100 * rec_mean:.0f}% ± {100 * rec_ci:.0f}%** of the gap (mean over {len(config['seeds'])} seeds, 95% CI).",
+        f"**{_fmt(rec_mean, rec_ci, 2)}** of the gap (mean over {len(config['seeds'])} seeds, 95% CI).",
         "",
         "![accuracy](bench_accuracy.png)",
         "",
@@ -389,6 +411,8 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
     lines += [f"| {goal} | {'yes' if met else '**no**'} | {why} |" for goal, met, why in goals(results)]
     lost = losses(results)
     lines += ["", "Where δ-mem loses:", ""] + ([f"- {line}" for line in lost] or ["- nowhere at these settings."])
+    lines += ["", "δ-mem variants, history only in memory, best first:", ""]
+    lines += [f"- {line}" for line in variant_ranking(results)]
     lines += [
         "",
         "## Setup",
@@ -415,9 +439,9 @@ def render_markdown(results: dict[str, Any], command: str, machine: str) -> str:
         f"- Latency: median wall time of one answer (batch 1, prompt prefill + next token) over "
         f"{config['latency_episodes']} episodes; δ-mem's memory is written before the timer starts (the history "
         "arrived earlier; write time in parentheses); BM25's indexing and retrieval are timed with the answer. "
-        "Peak memory: growth of the process's peak resident set size during the answer (Linux VmHWM reset "
-        "through /proc/self/clear_refs), not tracemalloc (which does not see torch allocations); 0.0 means the call "
-        "fit in memory the process already held. Timings on a shared CPU are noisy.",
+        "Peak memory: growth of the process's peak resident set size during the answer (freed heap pages handed "
+        "back with malloc_trim, then Linux VmHWM reset through /proc/self/clear_refs), not tracemalloc (which does "
+        "not see torch allocations). Timings on a shared CPU are noisy.",
         "",
         "## Accuracy at the default setting",
         "",
