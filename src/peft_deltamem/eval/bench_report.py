@@ -343,7 +343,7 @@ def _timing(results: dict[str, Any]) -> str:
     trained = [t for t in results.get("training", []) if not t["cached"]]
     backbone_s = backbone["train"]["seconds"]
     train_s = sum(t["seconds"] for t in trained) + (0 if backbone.get("cached") else backbone_s)
-    text = f"training {train_s / 60:.1f} min of it"
+    text = f"training {train_s / 60:.1f} min of it" if trained or not backbone.get("cached") else "no training"
     if cached:
         saved = sum(t["seconds"] for t in results.get("training", []) if t["cached"])
         saved += backbone_s if backbone.get("cached") else 0
