@@ -14,6 +14,26 @@ import peft_deltamem  # noqa: E402,F401  (registers DELTA_MEM)
 from peft_deltamem.tiny_models import tiny_model  # noqa: E402
 
 
+def require_locomo_file():
+    """The real LoCoMo file (``<repository root>/../shared/data/locomo10.json``).
+
+    Missing, it fails the test in CI (CI=true), where the project's data is always next to the checkout, and
+    skips it elsewhere (a fresh clone without the data), with the reason in pytest's summary.
+    """
+    from peft_deltamem.eval.locomo import default_locomo_path
+
+    path = default_locomo_path()
+    if not path.is_file():
+        message = (
+            f"LoCoMo data file missing: {path}. Tests on the real file read it from "
+            "<repository root>/../shared/data/locomo10.json (snap-research/locomo, data/locomo10.json)."
+        )
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run several times faster on one thread, much more so on a busy machine."""

@@ -18,6 +18,7 @@ from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import require_locomo_file
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.eval.locomo import default_locomo_path, load_locomo
 from peft_deltamem.eval.locomo_runner import _memory_chunks
@@ -54,8 +55,7 @@ def _bpe_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """Saved tiny models (word-level chat-template tokenizer; BPE plain tokenizer) and δ-mem adapters."""
-    if not default_locomo_path().is_file():
-        pytest.fail(f"LoCoMo data file missing: {default_locomo_path()}")
+    require_locomo_file()
     root = tmp_path_factory.mktemp("locomo_cli")
     dirs = {}
     for name, tokenizer in (("chat", build_tokenizer()), ("plain", _bpe_tokenizer())):

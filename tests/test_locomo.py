@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_locomo_file
 from peft_deltamem.eval.locomo import (
     ADVERSARIAL_ANSWER,
     BM25TurnRetriever,
@@ -49,12 +50,7 @@ QUESTIONS_PER_CATEGORY = {1: 282, 2: 321, 3: 96, 4: 841, 5: 446}
 
 @pytest.fixture(scope="module")
 def convs():
-    if not LOCOMO_PATH.is_file():
-        pytest.fail(
-            f"LoCoMo data file missing: {LOCOMO_PATH}. These tests need the real file at "
-            "<repository root>/../shared/data/locomo10.json (snap-research/locomo, data/locomo10.json)."
-        )
-    return load_locomo(LOCOMO_PATH)
+    return load_locomo(require_locomo_file())
 
 
 # --- the real file ---------------------------------------------------------------------------------------------------
