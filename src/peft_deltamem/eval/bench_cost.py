@@ -17,14 +17,13 @@ size during the measured call: Linux ``VmHWM`` is reset by writing ``5`` to ``/p
 call and read after it, minus ``VmRSS`` before the call (NOT tracemalloc, which does not see torch's tensor
 allocations). Before the call, glibc's ``malloc_trim(0)`` hands freed heap pages back to the system: without it, a
 process that held more memory earlier (training, a longer history) serves the call from pages it still holds and
-shows no growth at all (on a C library without ``malloc_trim`` that can happen). Where ``clear_refs`` is
-unavailable the value is ``None``.
+shows no growth at all (which can still happen with a C library that has no ``malloc_trim``). Where
+``clear_refs`` is unavailable the value is ``None``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import statistics
 import time
@@ -44,11 +43,9 @@ from .synthetic import SyntheticTaskConfig, generate_episode, render_chat
 
 def _malloc_trim() -> None:
     """Return freed heap memory to the system (glibc), so that the next call's peak shows up as RSS growth."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).malloc_trim(0)  # the symbols already loaded into the process, libc's among them
+    except (OSError, AttributeError):
         pass  # not glibc: the peak may be under-reported (see the module docstring)
 
 
