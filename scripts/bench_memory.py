@@ -5,6 +5,8 @@ every method on the same held-out synthetic episodes over several seeds, measure
 history tokens, and writes ``results.md``, the PNG plots and the raw results (``bench_results.json``) into ``--out``.
 ``--render-only`` re-renders the page and plots from an existing ``bench_results.json``.
 
+Needs the ``eval`` extra (``pip install -e ".[eval]"``: bm25s for the BM25 baseline, matplotlib for the plots).
+
     python scripts/bench_memory.py                 # the full run -> docs/results.md (+ docs/bench_*.png)
     python scripts/bench_memory.py --smoke --out /tmp/bench_smoke   # the CI-sized version (about a minute)
     python scripts/bench_memory.py --render-only   # docs/bench_results.json -> docs/results.md + plots
@@ -24,6 +26,7 @@ import torch
 
 from peft_deltamem.eval.bench_report import write_report
 from peft_deltamem.eval.benchmark import DEFAULT_CACHE_DIR, BenchmarkConfig, run_benchmark, smoke_config
+from peft_deltamem.eval.extras import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cost", action="store_true", help="skip the cost-vs-history-length curve")
     parser.add_argument("--render-only", action="store_true", help="re-render from --out/bench_results.json")
     args = parser.parse_args(argv)
+    needed = ("matplotlib",) if args.render_only else ("bm25s", "matplotlib")
+    try:  # before any training: the BM25 baseline and the plots need the `eval` extra
+        require(*needed)
+    except ImportError as error:
+        parser.error(str(error))
     out = Path(args.out)
     raw = out / "bench_results.json"
     if args.render_only:

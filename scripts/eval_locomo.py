@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from peft_deltamem.eval.extras import require
 from peft_deltamem.eval.locomo import CATEGORY_NAMES, DEFAULT_CATEGORIES, MODES, default_locomo_path, load_locomo
 from peft_deltamem.eval.locomo_runner import LocomoRunConfig, run_locomo
 
@@ -60,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", default=None, help="where to write predictions and scores (JSON)")
     args = parser.parse_args(argv)
+    if args.mode == "rag":
+        try:  # before loading the model
+            require("bm25s")
+        except ImportError as error:
+            parser.error(str(error))
     if args.porter_stemmer:
         try:
             from nltk.stem import PorterStemmer

@@ -30,6 +30,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from .extras import import_optional
 from .synthetic import SLOTS_BY_NAME, SyntheticEpisode, SyntheticTaskConfig, generate_episode, render_chat
 
 IGNORE_INDEX = -100
@@ -150,8 +151,7 @@ def bm25_top_k(episode: SyntheticEpisode, k: int) -> list[int]:
     One ``bm25s`` index per episode over the messages outside the visible window (their text only), English
     stop words removed (bm25s's "en_plus" list, as :class:`locomo.BM25TurnRetriever`); only positive scores.
     """
-    import bm25s
-
+    bm25s = import_optional("bm25s")
     corpus = [m["content"] for m in episode.memory_messages]
     if k <= 0 or not corpus:
         return []

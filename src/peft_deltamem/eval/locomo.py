@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .extras import import_optional
+
 CATEGORY_NAMES: dict[int, str] = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 DEFAULT_CATEGORIES: tuple[int, ...] = (1, 2, 3, 4)
 MODES = ("full", "truncated", "memory", "rag")
@@ -320,8 +322,7 @@ class BM25TurnRetriever:
     """
 
     def __init__(self, turns: Sequence[LocomoTurn], stopwords: str | list[str] = "en_plus"):
-        import bm25s  # optional dependency (extra "eval")
-
+        bm25s = import_optional("bm25s")
         self._bm25s = bm25s
         self.turns = list(turns)
         self.stopwords = stopwords
