@@ -30,7 +30,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from .extras import import_optional
+from .bm25 import BM25Retriever
 from .synthetic import SLOTS_BY_NAME, SyntheticEpisode, SyntheticTaskConfig, generate_episode, render_chat
 
 IGNORE_INDEX = -100
@@ -148,20 +148,13 @@ class FeatureBuilder:
 def bm25_top_k(episode: SyntheticEpisode, k: int) -> list[int]:
     """Indices into ``episode.memory_messages`` of the ``k`` messages BM25 ranks highest for the question.
 
-    One ``bm25s`` index per episode over the messages outside the visible window (their text only), English
-    stop words removed (bm25s's "en_plus" list, as :class:`locomo.BM25TurnRetriever`); only positive scores.
+    One index per episode over the messages outside the visible window (their text only), as
+    :class:`bm25.BM25Retriever` (English stop words "en_plus"; only positive scores).
     """
-    bm25s = import_optional("bm25s")
     corpus = [m["content"] for m in episode.memory_messages]
     if k <= 0 or not corpus:
         return []
-    query = bm25s.tokenize([episode.question], stopwords="en_plus", show_progress=False, return_ids=False)
-    if not query[0]:
-        return []
-    index = bm25s.BM25()
-    index.index(bm25s.tokenize(corpus, stopwords="en_plus", show_progress=False), show_progress=False)
-    docs, scores = index.retrieve(query, k=min(k, len(corpus)), show_progress=False)
-    return [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
+    return BM25Retriever(corpus).retrieve(episode.question, k)
 
 
 def answer_positions(feature: Feature) -> list[int]:

@@ -218,16 +218,23 @@ def cost_table(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------- plots
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _short(name: str) -> str:
     return name.replace(", no memory", "").replace(" + truncated context", " + window")
 
 
 def plot_capacity(results: dict[str, Any], path: Path) -> None:
     """Two panels: every baseline with the main δ-mem; every δ-mem variant (history only in memory) with the bounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     names = list(results["methods"])
     main = main_deltamem(results)
@@ -267,10 +274,7 @@ def plot_capacity(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_cost(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = results["cost"]
     x = [r["history_tokens"] for r in rows]
@@ -294,10 +298,7 @@ def plot_cost(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     names = list(results["methods"])
     stats = [mean_ci(per_seed(results, n)) for n in names]
@@ -339,17 +340,15 @@ def write_report(results: dict[str, Any], docs_dir: str | Path, command: str, ma
 def _timing(results: dict[str, Any]) -> str:
     """How much of the run was training, and what a run from an empty cache costs."""
     backbone = results["backbone"]
-    cached = [t for t in results.get("training", []) if t["cached"]] + ([backbone] if backbone.get("cached") else [])
-    trained = [t for t in results.get("training", []) if not t["cached"]]
-    backbone_s = backbone["train"]["seconds"]
-    train_s = sum(t["seconds"] for t in trained) + (0 if backbone.get("cached") else backbone_s)
-    text = f"training {train_s / 60:.1f} min of it" if trained or not backbone.get("cached") else "no training"
-    if cached:
-        saved = sum(t["seconds"] for t in results.get("training", []) if t["cached"])
-        saved += backbone_s if backbone.get("cached") else 0
+    runs = [(t["seconds"], t["cached"]) for t in results.get("training", [])]
+    runs.append((backbone["train"]["seconds"], bool(backbone.get("cached"))))
+    trained = [seconds for seconds, cached in runs if not cached]
+    saved = [seconds for seconds, cached in runs if cached]
+    text = f"training {sum(trained) / 60:.1f} min of it" if trained else "no training"
+    if saved:
         text += (
-            f"; {len(cached)} checkpoints came from the cache, whose original training took {saved / 60:.1f} min, "
-            f"so a run from an empty cache takes about {(results['seconds'] + saved) / 60:.0f} min"
+            f"; {len(saved)} checkpoints came from the cache, whose original training took {sum(saved) / 60:.1f} "
+            f"min, so a run from an empty cache takes about {(results['seconds'] + sum(saved)) / 60:.0f} min"
         )
     return text
 
