@@ -2,14 +2,20 @@
 
 Trains (or loads from ``--cache-dir``) a tiny backbone that answers from context, trains the adapters, evaluates
 every method on the same held-out synthetic episodes over several seeds, measures cost per answer from 1k to 32k
-history tokens, and writes ``results.md``, the PNG plots and the raw results (``bench_results.json``) into ``--out``.
-``--render-only`` re-renders the page and plots from an existing ``bench_results.json``.
+history tokens, and writes ``results.md``, the PNG plots and the raw results (``bench_results.json``).
+
+Writes into ``outputs/bench_memory/`` (git-ignored) unless ``--out DIR`` or ``--write-docs`` says otherwise; only
+``--write-docs`` replaces the committed docs/results.md, plots and JSON. ``--render-only`` re-renders the page and
+plots from an existing ``bench_results.json`` in the same place.
 
 Needs the ``eval`` extra (``pip install -e ".[eval]"``: bm25s for the BM25 baseline, matplotlib for the plots).
+Measured durations on a 2-core x86_64 CPU: the full run 38 min from an empty cache (4 min with cached checkpoints);
+``--smoke`` 57 s on a quiet machine (load average about 1), several minutes when other jobs load both cores.
 
-    python scripts/bench_memory.py                 # the full run -> docs/results.md (+ docs/bench_*.png)
-    python scripts/bench_memory.py --smoke --out /tmp/bench_smoke   # the CI-sized version (about a minute)
-    python scripts/bench_memory.py --render-only   # docs/bench_results.json -> docs/results.md + plots
+    python scripts/bench_memory.py                    # the full run -> outputs/bench_memory/
+    python scripts/bench_memory.py --write-docs       # the full run -> docs/results.md (+ docs/bench_*.png)
+    python scripts/bench_memory.py --smoke            # the CI-sized version
+    python scripts/bench_memory.py --render-only --write-docs   # docs/bench_results.json -> docs/results.md + plots
 """
 
 from __future__ import annotations
@@ -22,13 +28,33 @@ import platform
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import ROOT, add_output_options, doc_parser, output_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = doc_parser(__doc__)
+    parser.add_argument("--smoke", action="store_true", help="the CI-sized configuration (57 s on a quiet 2-core CPU)")
+    add_output_options(parser, "bench_memory", "results.md, the PNG plots and bench_results.json")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="checkpoint cache, re-created on demand (default: .cache/peft_deltamem/bench in the checkout)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default: 0 1 2)")
+    parser.add_argument("--no-cost", action="store_true", help="skip the cost-vs-history-length curve")
+    parser.add_argument("--render-only", action="store_true", help="re-render from bench_results.json in the output")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer here, before torch is imported
+
 import torch
 
 from peft_deltamem.eval.bench_report import write_report
 from peft_deltamem.eval.benchmark import DEFAULT_CACHE_DIR, BenchmarkConfig, run_benchmark, smoke_config
 from peft_deltamem.eval.extras import require
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
@@ -39,24 +65,14 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="the CI-sized configuration")
-    parser.add_argument("--out", default=str(ROOT / "docs"), help="directory for results.md, the PNGs and the JSON")
-    parser.add_argument(
-        "--cache-dir",
-        default=str(ROOT / DEFAULT_CACHE_DIR),
-        help="checkpoint cache (git-ignored; re-created on demand)",
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
-    parser.add_argument("--no-cost", action="store_true", help="skip the cost-vs-history-length curve")
-    parser.add_argument("--render-only", action="store_true", help="re-render from --out/bench_results.json")
+    parser = build_parser()
     args = parser.parse_args(argv)
     needed = ("matplotlib",) if args.render_only else ("bm25s", "matplotlib")
     try:  # before any training: the BM25 baseline and the plots need the `eval` extra
         require(*needed)
     except ImportError as error:
         parser.error(str(error))
-    out = Path(args.out)
+    out = output_dir(parser, args)
     raw = out / "bench_results.json"
     if args.render_only:
         if not raw.is_file():
@@ -71,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.no_cost:
         config = dataclasses.replace(config, cost=None)
-    results = run_benchmark(config, cache_dir=args.cache_dir, log=lambda m: print(m, flush=True))
+    cache_dir = args.cache_dir or ROOT / DEFAULT_CACHE_DIR
+    results = run_benchmark(config, cache_dir=cache_dir, log=lambda m: print(m, flush=True))
     command = "python scripts/bench_memory.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     results["command"], results["machine"] = command, machine()
     out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ Forward is timed under ``torch.no_grad()`` (prefill / inference); forward+backwa
 autograd, gradients for every input) is timed for chunk, and for naive up to
 ``--max-naive-bwd-T``. Each entry is the median of ``--reps`` timed runs after warm-up.
 
-    python scripts/bench_scan.py                      # writes docs/bench_scan.json
-    python scripts/bench_scan.py --max-naive-T 2048 --reps 5 --out /tmp/bench.json
+    python scripts/bench_scan.py                      # writes outputs/bench_scan/bench_scan.json (git-ignored)
+    python scripts/bench_scan.py --write-docs         # replaces the committed docs/bench_scan.json
+    python scripts/bench_scan.py --max-naive-T 2048 --reps 5 --out /tmp/bench
     python scripts/bench_scan.py --chunk-sizes 8 16 32 64   # also sweep the chunk size
 
 On a shared machine, ``--threads 1 --clock cpu`` gives steadier numbers: with 2 threads every
@@ -20,9 +21,39 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import add_output_options, doc_parser, output_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = doc_parser(__doc__)
+    parser.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="sequence lengths")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    parser.add_argument("--heads", type=int, default=1, help="state heads (default: 1)")
+    parser.add_argument("--rank", type=int, default=8, help="memory rank r (default: 8)")
+    parser.add_argument("--reps", type=int, default=7, help="timed runs per entry (default: 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default: 2)")
+    parser.add_argument("--max-naive-T", type=int, default=8192, help="skip the naive forward above this T")
+    parser.add_argument("--max-naive-bwd-T", type=int, default=2048, help="skip naive forward+backward above this T")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="also time chunk at these chunk sizes")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time, immune to other processes taking the core (use with --threads 1)",
+    )
+    add_output_options(parser, "bench_scan", "bench_scan.json")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer here, before torch is imported
 
 import torch
 import torch.nn.functional as F
@@ -130,25 +161,9 @@ def scan_rows(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--max-naive-T", type=int, default=8192, help="skip the naive forward above this T")
-    parser.add_argument("--max-naive-bwd-T", type=int, default=2048, help="skip naive forward+backward above this T")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
-    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="also time chunk at these chunk sizes")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="cpu: process CPU time, immune to other processes taking the core (use with --threads 1)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("docs/bench_scan.json"))
+    parser = build_parser()
     args = parser.parse_args()
+    out = output_dir(parser, args) / "bench_scan.json"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
@@ -205,9 +220,9 @@ def main() -> None:
     for row in results:
         for key in [k for k in row if k.endswith("_s")]:
             row[key[: -len("_s")] + "_tokens_per_s"] = row["T"] / row[key]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results, "chunk_size_sweep": sweep}, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "chunk_size_sweep": sweep}, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Speed and memory of δ-mem against the frozen model it adapts (issue: "Fast memory").
+"""Speed and memory of δ-mem against the frozen model it adapts.
 
 Reference model (CPU): Qwen3 architecture with random weights, hidden 1024, 16 query / 8 KV heads
 of dim 64, intermediate 2816, 8 layers, vocab 32000, float32, batch 1. With ``--device cuda``: a
 bf16 Qwen3-4B-sized random model at 8k and 32k prompts.
 
 Every δ-mem figure is reported as a ratio to the frozen model measured in the same run
-(interleaved repetitions, median). Writes a JSON file and the markdown table of docs/benchmarks.md.
+(interleaved repetitions, median). Writes ``bench_speed.json`` and the markdown page ``benchmarks.md``
+into ``outputs/bench_speed/`` (git-ignored) unless ``--out DIR`` or ``--write-docs`` says otherwise; only
+``--write-docs`` replaces the committed docs/benchmarks.md and docs/bench_speed.json.
 
-    python scripts/bench_speed.py                      # CPU reference, a few minutes
+    python scripts/bench_speed.py                      # CPU reference
     python scripts/bench_speed.py --quick              # smaller lengths, for a smoke run
     python scripts/bench_speed.py --device cuda        # GPU table (bf16, Qwen3-4B-sized)
+    python scripts/bench_speed.py --write-docs         # the CPU reference run, replacing the committed page
 """
 
 from __future__ import annotations
@@ -26,15 +29,40 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import add_output_options, doc_parser, output_dir
+
+
+def build_parser():
+    parser = doc_parser(__doc__)
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cpu: the reference table; cuda: the GPU table"
+    )
+    parser.add_argument("--quick", action="store_true", help="short lengths and few repetitions (smoke run)")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions per workload (at least 5 below 1k tokens; default: 3)"
+    )
+    add_output_options(parser, "bench_speed", "bench_speed.json and benchmarks.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite benchmarks.md from bench_speed.json")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="re-measure only peak memory into bench_speed.json"
+    )
+    parser.add_argument("--peak-worker", choices=["frozen", "delta_mem"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-length", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer here, before torch is imported
+
 import torch
 import transformers
 from peft import get_peft_model
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peft_deltamem  # noqa: E402
-from bench_scan import scan_rows  # noqa: E402
-from peft_deltamem import DeltaMemConfig  # noqa: E402
+import peft_deltamem
+from bench_scan import scan_rows
+from peft_deltamem import DeltaMemConfig
 
 
 def reference_config(device: str) -> transformers.Qwen3Config:
@@ -201,28 +229,23 @@ def training_step_delta(model, memory_ids, visible_ids):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="short lengths and few repetitions (smoke run)")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default="docs/bench_speed.json")
-    parser.add_argument("--markdown", default="docs/benchmarks.md")
-    parser.add_argument("--render-only", action="store_true", help="rewrite --markdown from the JSON in --out")
-    parser.add_argument("--memory-only", action="store_true", help="re-measure only peak memory into the JSON in --out")
-    parser.add_argument("--peak-worker", choices=["frozen", "delta_mem"], help=argparse.SUPPRESS)
-    parser.add_argument("--peak-length", type=int, help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.peak_worker:
         return peak_worker(args.peak_worker, args.peak_length)
+    out = output_dir(parser, args)
+    raw, page = out / "bench_speed.json", out / "benchmarks.md"
     if args.render_only or args.memory_only:
-        results = json.loads(Path(args.out).read_text())
+        if not raw.is_file():
+            parser.error(f"{raw} does not exist; run the benchmark first (without --render-only/--memory-only)")
+        results = json.loads(raw.read_text())
         if args.memory_only:
             results["peak_memory_mib"] = {
                 length: {kind: peak_memory(kind, int(length), "cpu", None) for kind in ("frozen", "delta_mem")}
                 for length in results["prefill"]
             }
-            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-        return write_markdown(results, Path(args.markdown), results["command"])
+            raw.write_text(json.dumps(results, indent=2, default=str))
+        return write_markdown(results, page, results["command"])
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available.")
@@ -301,10 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     results["command"] = (
         "python scripts/bench_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    write_markdown(results, Path(args.markdown), results["command"])
-    print(f"wrote {args.out} and {args.markdown}")
+    out.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, page, results["command"])
+    print(f"wrote {raw} and {page}")
 
 
 def machine(device: str) -> str:
@@ -360,8 +383,9 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
     )
     lines += [
         "",
-        "The frozen training step computes the LM loss (full-vocabulary logits) over all its tokens, as the issue "
-        "specifies; δ-mem's memory pass needs no logits (`logits_to_keep=1`), which is why its step is cheaper.",
+        "The frozen training step computes the LM loss (full-vocabulary logits) over all its tokens, as plain "
+        "training on the whole history would; δ-mem's memory pass needs no logits (`logits_to_keep=1`), which is why "
+        "its step is cheaper.",
     ]
     lines += [
         "",
@@ -414,7 +438,7 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
 
 
 def targets(results: dict) -> list[str]:
-    """The issue's targets, checked against this run's numbers."""
+    """The project's speed targets, checked against this run's numbers."""
     rows = [
         (f"prefill with writes, T = {t}", r["ratio"], 1.05 if results["dtype"].endswith("bfloat16") else 1.10)
         for t, r in results["prefill"].items()

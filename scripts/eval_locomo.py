@@ -22,45 +22,90 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import doc_parser
 
-from peft_deltamem.eval.extras import require
-from peft_deltamem.eval.locomo import CATEGORY_NAMES, DEFAULT_CATEGORIES, MODES, default_locomo_path, load_locomo
-from peft_deltamem.eval.locomo_runner import LocomoRunConfig, run_locomo
+# Spelled out here so that --help answers before torch is imported; tests check them against peft_deltamem.eval.locomo.
+MODES = ("full", "truncated", "memory", "rag")
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+DEFAULT_CATEGORIES = (1, 2, 3, 4)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = doc_parser(__doc__)
     parser.add_argument("--model", required=True, help="local directory or Hub id of the base causal LM")
     parser.add_argument("--adapter", default=None, help="δ-mem adapter directory or Hub id (default: the bare model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: --model)")
-    parser.add_argument("--mode", choices=MODES, default="memory")
-    parser.add_argument("--data", default=None, help=f"LoCoMo JSON file (default: {default_locomo_path()})")
-    parser.add_argument("--limit-conversations", type=int, default=None, help="only the first N conversations")
-    parser.add_argument("--limit-questions", type=int, default=None, help="at most N questions per conversation")
     parser.add_argument(
-        "--categories", type=int, nargs="+", default=list(DEFAULT_CATEGORIES), help=f"of {CATEGORY_NAMES}"
+        "--mode",
+        choices=MODES,
+        default="memory",
+        help="full: the whole conversation in the prompt; truncated: only the last turns; memory: older turns written "
+        "into δ-mem memory (needs --adapter); rag: BM25-retrieved turns (default: %(default)s)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--data", default=None, help="LoCoMo JSON file (default: ../shared/data/locomo10.json beside the checkout)"
+    )
+    parser.add_argument("--limit-conversations", type=positive_int, help="only the first N conversations")
+    parser.add_argument("--limit-questions", type=positive_int, help="at most N questions per conversation")
+    parser.add_argument(
+        "--categories",
+        type=int,
+        nargs="+",
+        choices=sorted(CATEGORIES),
+        default=list(DEFAULT_CATEGORIES),
+        help=f"question categories, of {CATEGORIES} (default: 1 2 3 4)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default: 32)")
     parser.add_argument("--max-visible-tokens", type=int, default=None, help="visible budget (truncated / memory)")
     parser.add_argument("--max-visible-turns", type=int, default=None, help="visible budget in messages")
-    parser.add_argument("--top-k", type=int, default=10, help="retrieved turns (rag)")
+    parser.add_argument("--top-k", type=int, default=10, help="retrieved turns (rag; default: 10)")
     parser.add_argument(
-        "--write-chunk-tokens", type=int, default=8192, help="memory mode: tokens per write call (0: one call)"
+        "--write-chunk-tokens", type=int, default=8192, help="memory mode: tokens per write call (0: one call; 8192)"
     )
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="left-truncate longer prompts")
-    parser.add_argument("--role", choices=("user", "alternate"), default="user", help="chat role of the speakers")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on GPU, else fp32")
+    parser.add_argument(
+        "--role", choices=("user", "alternate"), default="user", help="chat role of the speakers (default: user)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPE_NAMES), default="auto", help="auto (default): bfloat16 on GPU, else float32"
+    )
     parser.add_argument(
         "--porter-stemmer",
         action="store_true",
         help="stem tokens with NLTK's Porter stemmer before scoring, as LoCoMo's published numbers do (needs nltk)",
     )
     parser.add_argument("--output", default=None, help="where to write predictions and scores (JSON)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer here, before torch is imported
+
+import torch
+
+from peft_deltamem.eval.extras import require
+from peft_deltamem.eval.locomo import default_locomo_path, load_locomo
+from peft_deltamem.eval.locomo_runner import LocomoRunConfig, run_locomo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.mode == "memory" and not args.adapter:
+        parser.error(
+            "--mode memory needs --adapter (the δ-mem adapter that writes the history into memory); for the "
+            "no-memory baseline use --mode truncated"
+        )
     if args.mode == "rag":
         try:  # before loading the model
             require("bm25s")
@@ -81,7 +126,8 @@ def load_model(args: argparse.Namespace, device: torch.device):
     """The tokenizer and the model (with its adapter, if any), in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     if args.adapter:

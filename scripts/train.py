@@ -23,6 +23,7 @@ See ``docs/training.md``.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ from transformers import (  # noqa: E402
 )
 
 from peft_deltamem import DeltaMemConfig, DeltaMemLayer  # noqa: E402
-from peft_deltamem.recall_task import NAMES, NOISE, VALUES, build_tokenizer, evaluate, train_steps  # noqa: E402
+from peft_deltamem.recall_task import VALUES, build_tokenizer, evaluate, recall_chats, train_steps  # noqa: E402
 from peft_deltamem.tiny_models import tiny_model  # noqa: E402
 from peft_deltamem.training import (  # noqa: E402
     DeltaMemDataCollator,
@@ -63,20 +64,18 @@ from peft_deltamem.training import (  # noqa: E402
     episodes_map_fn,
 )
 
-# Renders the recall task's chats exactly as recall_task's sequences: "<bos> words ...", the answer a single token.
-EMBEDDED_CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
 # TrainingArguments defaults of the embedded run (any flag given on the command line wins).
-EMBEDDED_DEFAULTS = [
-    "--max_steps", "100",
-    "--learning_rate", "1e-2",
-    "--lr_scheduler_type", "constant",
-    "--per_device_train_batch_size", "32",
-    "--logging_steps", "20",
-    "--save_strategy", "no",
-]  # fmt: skip
-ALWAYS_DEFAULTS = ["--output_dir", "delta_mem_output", "--remove_unused_columns", "False"]
+EMBEDDED_DEFAULTS = {
+    "max_steps": 100,
+    "learning_rate": 1e-2,
+    "lr_scheduler_type": "constant",
+    "per_device_train_batch_size": 32,
+    "logging_steps": 20,
+    "save_strategy": "no",
+}
+ALWAYS_DEFAULTS = {"output_dir": "delta_mem_output", "remove_unused_columns": False}
 if not torch.cuda.is_available():
-    ALWAYS_DEFAULTS += ["--dataloader_pin_memory", "False"]
+    ALWAYS_DEFAULTS["dataloader_pin_memory"] = False
 
 
 @dataclass
@@ -128,11 +127,27 @@ class ScriptArguments:
     )
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser(embedded: bool = True) -> HfArgumentParser:
+    """The script's options and every TrainingArguments flag, with the defaults this script really uses."""
+    head, _, rest = __doc__.strip().partition("\n\n")
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingArguments),
+        description=head + "\n\nDefaults shown are the embedded run's; with --model, the training flags default to "
+        "TrainingArguments' own values, except --output_dir and --remove_unused_columns False.",
+        epilog=rest,
+        formatter_class=_HelpFormatter,
+    )
+    parser.set_defaults(**ALWAYS_DEFAULTS, **(EMBEDDED_DEFAULTS if embedded else {}))
+    return parser
+
+
 def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
     embedded = not any(a == "--model" or a.startswith("--model=") for a in argv)
-    defaults = ALWAYS_DEFAULTS + (EMBEDDED_DEFAULTS if embedded else [])
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    script_args, training_args = parser.parse_args_into_dataclasses(args=defaults + argv)
+    script_args, training_args = build_parser(embedded).parse_args_into_dataclasses(args=argv)
     if script_args.dataset and not script_args.model:
         raise SystemExit("--dataset needs --model: the embedded tiny model only knows the recall task's vocabulary.")
     if script_args.load_in_4bit and script_args.load_in_8bit:
@@ -147,7 +162,6 @@ def load_model(script_args: ScriptArguments, training_args: TrainingArguments):
     """Tokenizer and frozen backbone: a Hub/local model, or the embedded tiny Llama with the recall tokenizer."""
     if script_args.model is None:
         tokenizer = build_tokenizer()
-        tokenizer.chat_template = EMBEDDED_CHAT_TEMPLATE
         return tokenizer, tiny_model("llama", seed=training_args.seed, vocab_size=len(tokenizer))
     tokenizer = AutoTokenizer.from_pretrained(script_args.model)
     if tokenizer.pad_token is None:
@@ -170,8 +184,8 @@ def load_model(script_args: ScriptArguments, training_args: TrainingArguments):
     if quantization is not None:
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=bool(training_args.gradient_checkpointing),
-            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+            use_gradient_checkpointing=bool(training_args.activation_checkpointing),
+            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
         )
     return tokenizer, model
 
@@ -188,27 +202,6 @@ def recall_accuracy(model, tokenizer, seed: int) -> tuple[float, float]:
 
 
 # -------------------------------------------------------------------------------------------- the data
-
-
-def recall_chats(n: int, seed: int, noise_words: int = 12) -> list[dict]:
-    """Embedded default: chats whose first message states a fact among noise and whose last turn asks for it."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def pick(options, k=1):
-        return [options[i] for i in torch.randint(len(options), (k,), generator=generator).tolist()]
-
-    chats = []
-    for _ in range(n):
-        (name,), (value,), noise = pick(NAMES), pick(VALUES), pick(NOISE, noise_words)
-        position = int(torch.randint(noise_words + 1, (1,), generator=generator))
-        history = " ".join(noise[:position] + [name, "likes", value, "."] + noise[position:])
-        messages = [
-            {"role": "user", "content": history},
-            {"role": "user", "content": f"{name} likes ?"},
-            {"role": "assistant", "content": value},
-        ]
-        chats.append({"messages": messages})
-    return chats
 
 
 def load_chats(script_args: ScriptArguments, training_args: TrainingArguments) -> Dataset:

@@ -64,7 +64,8 @@ def test_episode_gradients_match_without_checkpointing(mode):
         model = make_peft(tiny_model("llama", seed=2), num_state_heads=2)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+            kwargs = {"use_reentrant": mode == "reentrant"}
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             model.enable_input_require_grads()
         model(**episode_batch()).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}

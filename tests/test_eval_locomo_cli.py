@@ -126,7 +126,6 @@ def test_cli_subprocess_memory_mode_with_adapter(model_dirs, tmp_path):
         ("truncated", "plain", None, ["--max-visible-tokens", "256"]),
         ("rag", "chat", None, ["--top-k", "4"]),
         ("memory", "chat", "segment", ["--max-visible-turns", "2", "--write-chunk-tokens", "1024"]),
-        ("memory", "chat", None, []),  # no adapter: the history is dropped (no-memory baseline)
     ],
 )
 def test_cli_modes(model_dirs, tmp_path, mode, tokenizer, adapter, extra):
@@ -143,7 +142,32 @@ def test_cli_modes(model_dirs, tmp_path, mode, tokenizer, adapter, extra):
     if mode == "full":
         assert all(r["prompt_tokens"] == 4096 for r in records)  # a whole conversation exceeds the budget
     if mode == "memory":
-        assert all((r["memory_tokens"] > 0) == (adapter is not None) for r in records)
+        assert all(r["memory_tokens"] > 0 for r in records)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mode", "memory"], "--mode memory needs --adapter"),
+        (["--mode", "truncated", "--limit-conversations", "-1"], "must be a positive integer, got -1"),
+        (["--mode", "truncated", "--limit-questions", "0"], "must be a positive integer, got 0"),
+        (["--mode", "truncated", "--categories", "6"], "invalid choice: 6"),
+    ],
+)
+def test_cli_refuses_bad_arguments_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _load_script().parse_args(["--model", "unused", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_choices_match_the_library():
+    from peft_deltamem.eval import locomo
+
+    script = _load_script()
+    assert script.MODES == locomo.MODES
+    assert script.CATEGORIES == locomo.CATEGORY_NAMES
+    assert script.DEFAULT_CATEGORIES == locomo.DEFAULT_CATEGORIES
 
 
 def _fake_nltk(monkeypatch, stem):
@@ -182,7 +206,7 @@ def test_porter_stemmer_flag_scores_with_the_stemmer(model_dirs, tmp_path, monke
 def test_porter_stemmer_flag_without_nltk_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "nltk", None)  # import nltk -> ImportError
     with pytest.raises(SystemExit):
-        _load_script().parse_args(["--model", "m", "--porter-stemmer"])
+        _load_script().parse_args(["--model", "m", "--mode", "truncated", "--porter-stemmer"])
     assert "pip install nltk" in capsys.readouterr().err
 
 

@@ -291,7 +291,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
         model = make_peft(tiny_model("llama", seed=1), num_state_heads=2)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
             model.enable_input_require_grads()
         ids = random_ids(2, 12)
         mask = torch.ones_like(ids)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer  # no
 
 from conftest import cpu_training_args  # noqa: E402
 from peft_deltamem import DeltaMemConfig  # noqa: E402
-from peft_deltamem.recall_task import build_tokenizer, sample_batch  # noqa: E402
+from peft_deltamem.recall_task import build_tokenizer, recall_chats, sample_batch  # noqa: E402
 from peft_deltamem.tiny_models import tiny_model  # noqa: E402
 from peft_deltamem.training import DeltaMemDataCollator  # noqa: E402
 
@@ -117,11 +117,11 @@ def test_train_script_with_load_in_4bit(tmp_path, saved_base, tokenizer):
     tokenizer.save_pretrained(saved_base)
     data = tmp_path / "chats.jsonl"
     script = load_train_script()
-    data.write_text("\n".join(json.dumps(chat) for chat in script.recall_chats(8, seed=0)))
+    data.write_text("\n".join(json.dumps(chat) for chat in recall_chats(8, seed=0)))
     trainer = script.main(
         ["--model", str(saved_base), "--dataset", str(data), "--load-in-4bit", "--output-dir", str(tmp_path / "out")]
         + ["--max_steps", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "True", "--dtype", "float32"]
-        + ["--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
+        + ["--activation_checkpointing", "True", "--activation_checkpointing_kwargs", '{"use_reentrant": true}']
     )
     assert isinstance(trainer.model.base_model.model.model.layers[0].self_attn.base_layer.q_proj, bnb.nn.Linear4bit)
     assert trainer.state.global_step == 2

