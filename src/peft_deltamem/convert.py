@@ -137,7 +137,7 @@ def _resolve_reference(reference_dir: str | os.PathLike) -> tuple[Path, str]:
     """A local directory, or a Hub id resolved through the Hub cache (offline) or a download."""
     path = Path(reference_dir).expanduser()
     if path.is_dir():
-        source = str(path)
+        source = str(path.resolve())
     elif path.exists():
         raise FileNotFoundError(
             f"{path} is a file; pass the directory that holds {REFERENCE_CONFIG} and {REFERENCE_WEIGHTS}."
@@ -505,7 +505,7 @@ def _model_card(plan: _Plan, source: str, weights_path: Path) -> str:
     lines += [f"- {note}" for note in plan.notes]
     if plan.ignored_fields:
         lines.append(
-            "- reference config fields that do not change inference and were not used: "
+            "- reference config fields the conversion does not read (training settings and the like): "
             + ", ".join(f"`{name}`" for name in plan.ignored_fields)
         )
     return "\n".join(lines) + "\n"
