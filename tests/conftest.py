@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +81,34 @@ def make_peft(base=None, **config_kwargs):
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def populate_hub_cache(cache: Path, source_dir: Path, repo_id: str, names: tuple[str, ...] | None = None) -> None:
+    """Lay out ``source_dir``'s files (or only ``names``) as the cached snapshot of Hub repo ``repo_id``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_REVISION
+    snapshot.mkdir(parents=True)
+    for name in names or sorted(p.name for p in Path(source_dir).iterdir() if p.is_file()):
+        shutil.copy(Path(source_dir) / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty HF cache used by hf_hub_download / snapshot_download, offline (huggingface_hub reads the path at
+    import)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache

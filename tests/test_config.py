@@ -43,6 +43,8 @@ INVALID = [
     ("write_granularity", {"write_granularity": "sentence"}),
     ("write_granularity", {"write_granularity": "Token"}),
     ("write_granularity", {"write_granularity": None}),
+    ("segment_read", {"segment_read": "call"}),
+    ("segment_read", {"segment_read": "before_call"}),  # only meaningful with segment writes
     ("target_parameters", {"target_parameters": ["model.layers.0.self_attn.q_proj.weight"]}),
     ("projection_names", {"projection_names": {"q": "q_proj", "k": "k_proj", "v": "v_proj"}}),  # no 'o'
     ("projection_names", {"projection_names": {"q": "q_proj", "o": "o_proj"}}),  # neither q,k,v nor qkv
@@ -90,6 +92,7 @@ def test_non_numeric_or_non_finite_values_raise_value_error(field_name, kwargs):
         {"delta_heads": "v"},
         {"num_state_heads": 4},
         {"write_granularity": "segment"},
+        {"write_granularity": "segment", "segment_read": "before_call"},
         {"projection_names": STANDARD_PROJECTIONS},
         {"projection_names": {"qkv": "qkv_proj", "o": "o_proj"}},
         {"layers_to_transform": [0], "layers_pattern": "layers"},
@@ -118,6 +121,7 @@ def test_defaults_are_the_papers():
     assert config.delta_heads == ("q", "o")
     assert config.num_state_heads == 1
     assert config.write_granularity == "token"
+    assert config.segment_read == "before_segment"
     assert config.beta_bias_init == -1.5
     assert config.init_weights is True
     assert config.scaling == 2.0
@@ -158,6 +162,7 @@ def _custom_config() -> DeltaMemConfig:
         delta_heads=("k", "v", "o"),
         num_state_heads=2,
         write_granularity="segment",
+        segment_read="before_call",
         beta_bias_init=-2.0,
         target_modules=["self_attn"],
         layers_to_transform=[0],

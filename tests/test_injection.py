@@ -14,6 +14,7 @@ from peft import get_peft_model
 from torch import nn
 
 from conftest import make_peft, random_ids
+from method_reference import memory_read, memory_write
 from peft_deltamem import DeltaMemConfig, DeltaMemLayer
 from peft_deltamem.architectures import REFUSED_MODEL_TYPES, supported_model_types
 from peft_deltamem.tiny_models import TINY_FAMILIES, tiny_config, tiny_model
@@ -97,12 +98,8 @@ def reference_reads(layer: DeltaMemLayer, x: torch.Tensor, adapter: str = "defau
         row = []
         for h in range(n_states):
             rows = slice(h * r, (h + 1) * r)
-            q = F.normalize(torch.tanh(w_q[rows] @ x_t), dim=0)
-            k = F.normalize(torch.tanh(w_k[rows] @ x_t), dim=0)
-            v = w_v[rows] @ x_t
-            beta = torch.sigmoid(w_b[rows] @ x_t + bias[rows])
-            row.append(state[h] @ q)
-            state[h] = torch.diag(1 - beta) @ state[h] + torch.diag(beta) @ torch.outer(v - state[h] @ k, k)
+            row.append(memory_read(state[h], w_q[rows], x_t))
+            state[h] = memory_write(state[h], w_k[rows], w_v[rows], w_b[rows], bias[rows], x_t)
         reads.append(torch.cat(row))
     return torch.stack(reads)
 

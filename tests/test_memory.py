@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from conftest import make_peft, random_ids
+from method_reference import memory_write
 from peft_deltamem.tiny_models import tiny_model
 
 ATOL = 1e-5
@@ -45,10 +46,7 @@ def reference_token_state(layer, x: torch.Tensor, adapter: str = "default") -> t
     for x_t in x.double():
         for h in range(heads):
             rows = slice(h * r, (h + 1) * r)
-            k = F.normalize(torch.tanh(w_k[rows] @ x_t), dim=0)
-            v = w_v[rows] @ x_t
-            beta = torch.sigmoid(w_b[rows] @ x_t + bias[rows])
-            state[h] = torch.diag(1 - beta) @ state[h] + torch.diag(beta) @ torch.outer(v - state[h] @ k, k)
+            state[h] = memory_write(state[h], w_k[rows], w_v[rows], w_b[rows], bias[rows], x_t)
     return state
 
 

@@ -19,13 +19,12 @@ from huggingface_hub.errors import EntryNotFoundError
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
-from conftest import make_peft, random_ids
+from conftest import make_peft, populate_hub_cache, random_ids
 from peft_deltamem import DeltaMemConfig, MemoryState, push_to_hub
 from peft_deltamem.tiny_models import tiny_model
 
 BASE_ID = "tiny-org/tiny-llama"
 HUB_ID = "tiny-org/tiny-deltamem"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -376,33 +375,9 @@ def test_config_disagreeing_with_weights_raises(saved, tmp_path):
 # -------------------------------------------------------------------------------------- offline Hub cache
 
 
-def _populate_hub_cache(cache: Path, adapter_dir: Path, repo_id: str = HUB_ID) -> None:
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy(adapter_dir / name, snapshot / name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-
-
-@pytest.fixture
-def offline_hub_cache(tmp_path, monkeypatch):
-    """An empty HF cache used by hf_hub_download, offline (huggingface_hub reads the path at import)."""
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_load_hub_id_from_offline_cache(saved, offline_hub_cache):
     directory, _, expected = saved
-    _populate_hub_cache(offline_hub_cache, directory)
+    populate_hub_cache(offline_hub_cache, directory, HUB_ID)
     config = PeftConfig.from_pretrained(HUB_ID)
     assert type(config) is DeltaMemConfig
     loaded = PeftModel.from_pretrained(tiny_model("llama"), HUB_ID)
@@ -413,7 +388,7 @@ def test_load_hub_id_with_cache_dir_argument(saved, tmp_path, monkeypatch):
     directory, _, expected = saved
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cache = tmp_path / "explicit_cache"
-    _populate_hub_cache(cache, directory)
+    populate_hub_cache(cache, directory, HUB_ID)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), HUB_ID, cache_dir=str(cache))
     assert_same_logits(loaded, expected)
 

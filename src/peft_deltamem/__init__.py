@@ -6,6 +6,7 @@
 """
 
 from .config import DeltaMemConfig
+from .convert import convert_reference_adapter
 from .hub import push_to_hub
 from .layer import DeltaMemLayer
 from .model import DeltaMemModel
@@ -21,6 +22,7 @@ __all__ = [
     "DeltaMemModel",
     "DeltaMemPeftType",
     "MemoryState",
+    "convert_reference_adapter",
     "push_to_hub",
     "register",
 ]

@@ -31,6 +31,7 @@ model = PeftModel.from_pretrained(base_model, "<this adapter>")
 ```
 """
 GRANULARITIES = ("token", "segment")
+SEGMENT_READS = ("before_segment", "before_call")
 
 
 @dataclass
@@ -56,6 +57,15 @@ class DeltaMemConfig(PeftConfig):
         metadata={
             "help": "'token' (TSW): every valid token writes. 'segment' (SSW): the mean hidden state of each "
             "caller-marked segment is written once; pass `memory_segment_ids` to every writing call."
+        },
+    )
+    segment_read: Literal["before_segment", "before_call"] = field(
+        default="before_segment",
+        metadata={
+            "help": "Which state the tokens of a writing call read under segment writes. 'before_segment': each token "
+            "reads the state before its own segment's write (invariant to how the history is split into calls). "
+            "'before_call': every token reads the state from before the whole call, as the authors' reference "
+            "code does (set by `convert_reference_adapter` for their SSW adapters)."
         },
     )
     beta_bias_init: float = field(default=-1.5, metadata={"help": "Initial write-gate bias (sigmoid(-1.5) ~ 0.18)."})
@@ -140,6 +150,14 @@ class DeltaMemConfig(PeftConfig):
             raise bad("num_state_heads", "must be an integer >= 1 (1 = one memory, > 1 = MSW).")
         if self.write_granularity not in GRANULARITIES:
             raise bad("write_granularity", f"choose one of {GRANULARITIES}.")
+        if self.segment_read not in SEGMENT_READS:
+            raise bad("segment_read", f"choose one of {SEGMENT_READS}.")
+        if self.segment_read != "before_segment" and self.write_granularity != "segment":
+            raise bad(
+                "segment_read",
+                "it only has an effect with write_granularity='segment'; leave it at 'before_segment' for token "
+                "writes.",
+            )
         if self.target_parameters:
             raise bad("target_parameters", "δ-mem adapts attention modules, not parameters; use target_modules.")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -32,6 +32,7 @@ class AdapterSettings:
     delta_heads: tuple[str, ...]
     scaling: float
     write_granularity: str
+    segment_read: str
 
     @property
     def width(self) -> int:
@@ -91,6 +92,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             delta_heads=tuple(config.delta_heads),
             scaling=config.scaling,
             write_granularity=config.write_granularity,
+            segment_read=config.segment_read,
         )
         width, d = settings.width, self.layout.hidden_size
         out_features = sum(self.layout.head_out_features(h) for h in settings.delta_heads)
@@ -261,7 +263,11 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         record.write_gate_stats.append((beta * weights).sum().float() / weights.sum().clamp(min=1).float())
 
     def _segment_scan(self, adapter, x, projected, state, valid, record):
-        """SSW: each segment's mean hidden state is written once; a token reads the state before its segment."""
+        """SSW: each segment's mean hidden state is written once.
+
+        A token reads the state before its own segment (``segment_read="before_segment"``) or, as in the
+        authors' reference code, the state before the whole call (``segment_read="before_call"``).
+        """
         settings = self.settings[adapter]
         width = settings.width
         batch, length, _ = x.shape
@@ -299,6 +305,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
         self._report_write_gate(record, beta, segment_valid)
         states, final = ops.delta_rule_states(k, v, beta, state, segment_valid)
+        if settings.segment_read == "before_call":
+            return ops.read_only(q, state), final
         index = (
             segment.clamp(min=0)
             .view(batch, 1, length, 1, 1)
