@@ -1,4 +1,4 @@
-"""Training episodes for δ-mem from chat data (the paper's recipe, see ``docs``/method notes).
+"""Training episodes for δ-mem from chat data (the paper's recipe; see docs/training.md).
 
 One episode per supervised assistant turn ("target"):
 
