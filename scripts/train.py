@@ -62,6 +62,7 @@ from peft_deltamem.training import (  # noqa: E402
     MemoryHealthCallback,
     add_memory_health_callback,
     episodes_map_fn,
+    validate_ablation_probs,
 )
 
 # TrainingArguments defaults of the embedded run (any flag given on the command line wins).
@@ -219,7 +220,14 @@ def load_chats(script_args: ScriptArguments, training_args: TrainingArguments) -
 
 
 def build_datasets(chats: Dataset, tokenizer, script_args: ScriptArguments, training_args: TrainingArguments):
-    probs = json.loads(script_args.ablation_probs) if script_args.ablation_probs else None
+    try:
+        probs = json.loads(script_args.ablation_probs) if script_args.ablation_probs else None
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"--ablation-probs must be JSON such as '{{\"memory_only\": 0.8, \"no_memory\": 0.2}}', got "
+            f"{script_args.ablation_probs!r} ({error})"
+        ) from error
+    validate_ablation_probs(probs)
     config = EpisodeConfig(
         visible_turns=script_args.visible_turns,
         max_memory_tokens=script_args.max_memory_tokens,
@@ -233,6 +241,12 @@ def build_datasets(chats: Dataset, tokenizer, script_args: ScriptArguments, trai
         episodes = chats.map(mapper, batched=True, remove_columns=chats.column_names, features=mapper.features)
     if training_args.process_index == 0:
         print(f"episodes: {len(episodes)} from {len(chats)} chats")
+    if len(episodes) == 0:
+        raise SystemExit(
+            f"no training episodes from {len(chats)} chats: an episode is made for each supervised assistant turn "
+            "with a non-empty answer, and none has one. Check --messages-column ({script_args.messages_column!r}) and "
+            "that the chats contain messages with role 'assistant'."
+        )
     eval_size = script_args.eval_size
     if training_args.eval_strategy != "no" and eval_size == 0:
         eval_size = min(64, max(1, len(episodes) // 10))

@@ -111,6 +111,13 @@ def test_features_views():
     assert len(answer_positions(extra)) == min(4, len(episode.metadata["facts"]))
 
 
+def test_mix_that_cannot_make_episodes_says_so_instead_of_looping():
+    with pytest.raises(ValueError, match="EpisodeMix cannot make episodes.*visible_turns=1000"):
+        EpisodeMix(visible_turns=1000).sample(0, 1)
+    with pytest.raises(ValueError, match="num_facts must be in"):  # an invalid config is not redrawn
+        EpisodeMix(num_facts=(0, 0)).sample(0, 1)
+
+
 def test_mix_is_deterministic_and_respects_ranges():
     mix = EpisodeMix(num_facts=(1, 3), num_updates=(0, 1), num_distractors=(0, 2), num_sessions=(1, 2))
     a, b = mix.sample(7, 20), mix.sample(7, 20)

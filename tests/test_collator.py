@@ -196,6 +196,38 @@ def test_other_invalid_arguments():
         DeltaMemDataCollator(pad_token_id=PAD)([bad])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pad_to_multiple_of": 2.5}, "pad_to_multiple_of must be an integer >= 1 or None, got 2.5"),
+        ({"pad_to_multiple_of": True}, "pad_to_multiple_of must be an integer >= 1 or None, got True"),
+        ({"max_context_length": "512"}, "max_context_length must be an integer >= 2 or None, got '512'"),
+    ],
+)
+def test_non_integer_sizes_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaMemDataCollator(pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("input_ids", ["10", "11", "12", "13"], r"input_ids must hold integer token ids, found '10' \(str\)"),
+        ("memory_input_ids", [5, 6.0, 7, 8, 9], r"episode 0: memory_input_ids must hold integer token ids, found 6.0"),
+        ("labels", [IGNORE_INDEX, None, 12, 13], "episode 0: labels must hold integer token ids, found None"),
+    ],
+)
+def test_non_integer_token_ids_are_refused_by_name(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaMemDataCollator(pad_token_id=PAD)([dict(episodes()[0], **{key: value})])
+
+
+def test_episode_without_supervised_tokens_is_refused_not_trained_on_as_nan():
+    unsupervised = dict(episodes()[1], labels=[IGNORE_INDEX] * 3)
+    with pytest.raises(ValueError, match="episode 1 has no supervised token"):
+        DeltaMemDataCollator(pad_token_id=PAD)([episodes()[0], unsupervised])
+
+
 def test_end_to_end_with_real_episodes_and_dataloader():
     tok = chat_tokenizer()
     messages = [

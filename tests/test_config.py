@@ -74,6 +74,17 @@ INVALID_EXTRA = [
     ("alpha", {"alpha": math.inf}),
     ("beta_bias_init", {"beta_bias_init": math.nan}),
     ("delta_heads", {"delta_heads": None}),
+    # strings where booleans are expected would read as True
+    ("write_generated_tokens", {"write_generated_tokens": "False"}),
+    ("init_weights", {"init_weights": "no"}),
+    ("init_weights", {"init_weights": 0}),
+    # wrong container types
+    ("layers_to_transform", {"layers_to_transform": "0"}),
+    ("layers_to_transform", {"layers_to_transform": [0, 1.0]}),
+    ("layers_to_transform", {"layers_to_transform": -1}),
+    ("target_modules", {"target_modules": 5}),
+    ("target_modules", {"target_modules": ["self_attn", 3]}),
+    ("exclude_modules", {"exclude_modules": 1}),
 ]
 
 
@@ -224,6 +235,16 @@ def test_from_pretrained_validates(tmp_path):
         path.write_text(json.dumps({**data, **bad}))
         with pytest.raises(ValueError, match=rf"\b{field_name}\b"):
             PeftConfig.from_pretrained(str(tmp_path))
+
+
+def test_misspelt_key_in_a_saved_config_is_an_error_not_a_silent_default(tmp_path):
+    DeltaMemConfig().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["write_granularty"] = data.pop("write_granularity")
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"'write_granularty' \(did you mean 'write_granularity'\?\)"):
+        DeltaMemConfig.from_pretrained(str(tmp_path))  # what PeftModel.from_pretrained calls for a δ-mem adapter
 
 
 def test_every_field_has_help_metadata():

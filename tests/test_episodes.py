@@ -244,6 +244,22 @@ def test_config_validation():
             EpisodeConfig(**bad)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_length", "512"), ("max_memory_tokens", 2.5), ("max_context_length", 64.0), ("visible_turns", True)],
+)
+def test_config_refuses_non_integer_sizes_by_name(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an int .*got {value!r}"):
+        EpisodeConfig(**{field: value})
+
+
+def test_empty_assistant_answer_is_named_as_such(chat_tok):
+    messages = [TURNS[0], {"role": "assistant", "content": ""}]
+    with pytest.raises(EpisodeError, match="message 1 is an assistant message with empty content") as error:
+        build_episodes({"messages": messages}, chat_tok)
+    assert error.value.reason == "empty_answer"
+
+
 def _dataset_rows():
     return [
         {"id": "a", "messages": [TURNS[0], TURNS[1]]},  # no history: empty memory in the first batch

@@ -369,6 +369,18 @@ def test_train_script_on_a_local_model_and_a_jsonl_file(tmp_path, tokenizer):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_train_script_refuses_bad_ablation_json_and_data_without_answers(tmp_path, tokenizer):
+    model_dir, data = tmp_path / "model", tmp_path / "chats.jsonl"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "a b"}]}) for _ in range(4)))
+    argv = ["--model", str(model_dir), "--dataset", str(data), "--output-dir", str(tmp_path), "--max_steps", "1"]
+    with pytest.raises(SystemExit, match="--ablation-probs must be JSON"):
+        load_train_script().main([*argv, "--ablation-probs", "not json"])
+    with pytest.raises(SystemExit, match="no training episodes from 4 chats"):
+        load_train_script().main(argv)
+
+
 def test_train_script_embedded_default_runs(tmp_path, capsys):
     trainer = load_train_script().main(
         ["--output-dir", str(tmp_path), "--backbone-steps", "3", "--max_steps", "3", "--logging_steps", "1"]

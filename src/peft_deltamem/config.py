@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from peft import PeftConfig
@@ -32,6 +33,17 @@ model = PeftModel.from_pretrained(base_model, "<this adapter>")
 """
 GRANULARITIES = ("token", "segment")
 SEGMENT_READS = ("before_segment", "before_call")
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _all(values, kind, check=None) -> bool:
+    """A non-string sequence whose items are all of ``kind`` (and pass ``check``)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, set, frozenset)):
+        return False
+    return all(isinstance(v, kind) and (check is None or check(v)) for v in values)
 
 
 @dataclass
@@ -176,6 +188,33 @@ class DeltaMemConfig(PeftConfig):
         for name in ("write_sparsity_weight", "write_sparsity_target"):
             if not real(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0.")
+        for name in ("init_weights", "write_generated_tokens", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False (a string such as 'False' would read as True).")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not _all(value, str):
+                raise bad(name, "give a module name or regex (str) or a list of names.")
+        layers = self.layers_to_transform
+        if layers is not None and not _is_index(layers) and not _all(layers, int, _is_index):
+            raise bad("layers_to_transform", "give a layer index or a list of layer indices, e.g. [0, 1].")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Build the config from saved keys; an unknown key is an error (peft would warn and use the default)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"The δ-mem adapter config has keys that DeltaMemConfig does not know: {', '.join(hints)}. A misspelt "
+                "key would silently fall back to its default; fix adapter_config.json (or upgrade peft-deltamem if "
+                "the adapter was saved by a newer version)."
+            )
+        return super().from_peft_type(**kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

@@ -31,9 +31,17 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from .bm25 import BM25Retriever
-from .synthetic import SLOTS_BY_NAME, SyntheticEpisode, SyntheticTaskConfig, generate_episode, render_chat
+from .synthetic import (
+    SLOTS_BY_NAME,
+    NotEnoughHistory,
+    SyntheticEpisode,
+    SyntheticTaskConfig,
+    generate_episode,
+    render_chat,
+)
 
 IGNORE_INDEX = -100
+MAX_FAILED_DRAWS = 100  # consecutive draws without a valid episode before EpisodeMix.sample gives up
 VIEWS = ("full", "window", "question", "memory_only", "memory_window")
 Feature = dict[str, Any]
 
@@ -55,10 +63,15 @@ class EpisodeMix:
     value_distractor_rate: float = 0.3
 
     def sample(self, seed: int, n: int) -> list[SyntheticEpisode]:
-        """``n`` episodes, deterministic in ``(self, seed)``; draws that cannot make a valid episode are redrawn."""
+        """``n`` episodes, deterministic in ``(self, seed)``.
+
+        A draw that leaves too little history outside the visible window is redrawn; after
+        ``MAX_FAILED_DRAWS`` such draws in a row the mix cannot make episodes and a ``ValueError`` says so.
+        An invalid config (e.g. ``num_facts`` out of range) raises at once.
+        """
         rng = random.Random(f"mix-{seed}")
         episodes: list[SyntheticEpisode] = []
-        index = 0
+        index = failed = 0
         while len(episodes) < n:
             config = SyntheticTaskConfig(
                 num_facts=rng.randint(*self.num_facts),
@@ -73,8 +86,15 @@ class EpisodeMix:
             index += 1
             try:
                 episodes.append(generate_episode(config, index))
-            except ValueError:  # e.g. too few messages outside the visible window for this draw
-                continue
+                failed = 0
+            except NotEnoughHistory as error:
+                failed += 1
+                if failed >= MAX_FAILED_DRAWS:
+                    raise ValueError(
+                        f"EpisodeMix cannot make episodes: {failed} draws in a row failed ({error}). With "
+                        f"visible_turns={self.visible_turns}, lower visible_turns or raise num_distractors, "
+                        "num_sessions or num_facts."
+                    ) from error
         return episodes
 
 

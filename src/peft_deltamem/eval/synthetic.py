@@ -39,6 +39,10 @@ _PERCENTS = " ".join(str(5 * i) for i in range(1, 17))
 _HOURS = "6am 7am 8am 9am 10am 11am noon 1pm 2pm 3pm 4pm 5pm 6pm 7pm 8pm 9pm"
 
 
+class NotEnoughHistory(ValueError):
+    """This draw left too little history outside the visible window (another draw of the same config may not)."""
+
+
 @dataclass(frozen=True)
 class Slot:
     """One kind of fact: how it is stated, updated and asked, and its possible values (in a fixed order)."""
@@ -274,7 +278,7 @@ def generate_episode(config: SyntheticTaskConfig, index: int = 0) -> SyntheticEp
     layout = _session_layout(len(order), config.num_sessions)  # per exchange: event position or None (greeting)
     n_messages = 2 * len(layout)
     if n_messages <= config.visible_turns:
-        raise ValueError(
+        raise NotEnoughHistory(
             f"history has {n_messages} messages, not more than visible_turns={config.visible_turns}; "
             "add distractors or raise history_turns"
         )
@@ -380,7 +384,9 @@ def _keep_out_of_window(
     for p in visible:
         if owners[order[p]] is asked:
             if not free:
-                raise ValueError("not enough history outside the visible window; add distractors or history_turns")
+                raise NotEnoughHistory(
+                    "not enough history outside the visible window; add distractors or history_turns"
+                )
             q = free.pop()
             order[p], order[q] = order[q], order[p]
     return order

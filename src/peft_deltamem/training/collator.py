@@ -27,6 +27,7 @@ Context-ablation mixing (``ablation_probs``), drawn per row from the collator's 
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -102,10 +103,10 @@ class DeltaMemDataCollator:
         for name, side in (("padding_side", padding_side), ("memory_padding_side", memory_padding_side)):
             if side not in ("left", "right"):
                 raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
-        if max_context_length is not None and max_context_length < 2:
-            raise ValueError(f"max_context_length must be >= 2 or None, got {max_context_length}")
+        if pad_to_multiple_of is not None and (not _is_int(pad_to_multiple_of) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be an integer >= 1 or None, got {pad_to_multiple_of!r}")
+        if max_context_length is not None and (not _is_int(max_context_length) or max_context_length < 2):
+            raise ValueError(f"max_context_length must be an integer >= 2 or None, got {max_context_length!r}")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.probs = validate_ablation_probs(ablation_probs)
@@ -128,6 +129,12 @@ class DeltaMemDataCollator:
                 ids, labels = self._context_stream(feature, row)
             if len(ids) != len(labels):
                 raise ValueError(f"episode {row}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
+            if all(label == IGNORE_INDEX for label in labels):
+                raise ValueError(
+                    f"episode {row} has no supervised token (its labels are all {IGNORE_INDEX}), so it carries no "
+                    "training signal and a batch of such episodes has a NaN loss. Drop it when building the data "
+                    "(episodes_map_fn only makes episodes for assistant turns with a non-empty answer)."
+                )
             memory, segments = _field(feature, "memory_input_ids", row), _field(feature, "memory_segment_ids", row)
             if len(memory) != len(segments):
                 raise ValueError(
@@ -207,8 +214,20 @@ class DeltaMemDataCollator:
         return out, mask
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _field(feature: Mapping[str, Any], key: str, row: int) -> list[int]:
     if key not in feature:
         raise ValueError(f"episode {row} has no {key!r} (keys: {sorted(feature)})")
     value = feature[key]
-    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
+    values = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+    wrong = [v for v in values if not _is_int(v)][:1]
+    if wrong:
+        (wrong,) = wrong
+        raise ValueError(
+            f"episode {row}: {key} must hold integer token ids, found {wrong!r} ({type(wrong).__name__}); "
+            "tokenize the text first (episodes_map_fn does)"
+        )
+    return values

@@ -116,14 +116,20 @@ class EpisodeConfig:
     on_error: Literal["raise", "count"] = "raise"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.visible_turns, int) or self.visible_turns < 0:
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not integer(self.visible_turns) or self.visible_turns < 0:
             raise ValueError(f"visible_turns must be an int >= 0, got {self.visible_turns!r}")
-        if self.max_memory_tokens is not None and self.max_memory_tokens < 0:
-            raise ValueError(f"max_memory_tokens must be >= 0 or None, got {self.max_memory_tokens!r}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (one prompt token and one answer token), got {self.max_length}")
-        if self.max_context_length is not None and self.max_context_length < 2:
-            raise ValueError(f"max_context_length must be >= 2 or None, got {self.max_context_length}")
+        if self.max_memory_tokens is not None and (not integer(self.max_memory_tokens) or self.max_memory_tokens < 0):
+            raise ValueError(f"max_memory_tokens must be an int >= 0 or None, got {self.max_memory_tokens!r}")
+        if not integer(self.max_length) or self.max_length < 2:
+            raise ValueError(
+                f"max_length must be an int >= 2 (one prompt token and one answer token), got {self.max_length!r}"
+            )
+        context = self.max_context_length
+        if context is not None and (not integer(context) or context < 2):
+            raise ValueError(f"max_context_length must be an int >= 2 or None, got {self.max_context_length!r}")
         if self.supervise not in ("final", "all"):
             raise ValueError(f"supervise must be 'final' or 'all', got {self.supervise!r}")
         if self.chat_format not in ("auto", "template", "plain"):
@@ -148,7 +154,8 @@ def validate_messages(messages: Any, name: str = "example") -> list[dict[str, st
     """Check a chat example and return its messages as plain ``{"role", "content"}`` dicts.
 
     Raises :class:`EpisodeError` naming ``name`` and the problem: not a list, empty, a message that is not a
-    mapping, missing role/content, unknown role, non-string content, or a system message that is not first.
+    mapping, missing role/content, unknown role, non-string content, a system message that is not first, or an
+    assistant message with empty content.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise EpisodeError("not_a_list", f"{name}: messages must be a list of {{role, content}}, got {type(messages)}")
@@ -172,6 +179,12 @@ def validate_messages(messages: Any, name: str = "example") -> list[dict[str, st
             )
         if role == "system" and i != 0:
             raise EpisodeError("misplaced_system", f"{name}: message {i} is a system message; only the first may be")
+        if role == "assistant" and not content.strip():
+            raise EpisodeError(
+                "empty_answer",
+                f"{name}: message {i} is an assistant message with empty content, so there is nothing to learn from "
+                "it; drop the message or give it content",
+            )
         out.append({"role": role, "content": content})
     return out
 
