@@ -5,6 +5,8 @@ Subcommands:
 - ``import-reference REFERENCE_DIR OUTPUT_DIR [--base-model ID] [--overwrite]``: convert an adapter
   saved by the authors' reference code into a peft adapter directory (see
   :func:`peft_deltamem.convert_reference_adapter`).
+- ``serve``: an OpenAI-compatible HTTP server with one δ-mem memory per session (docs/agents.md).
+- ``chat``: a terminal chat on one session, interactive or reading turns from a file (docs/agents.md).
 
 Heavy libraries (torch, transformers) are imported by the subcommand that needs them, after the
 arguments are parsed. Each subcommand is an ``add_parser`` call plus a handler taking the parsed
@@ -14,6 +16,7 @@ arguments and returning the exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +33,113 @@ def _import_reference(args: argparse.Namespace) -> int:
         return 1
     print(f"Wrote the δ-mem adapter to {output}. Load it with `import peft_deltamem` and PeftModel.from_pretrained.")
     return 0
+
+
+def _engine(args: argparse.Namespace):
+    from .agents.engine import ChatEngine, Limits
+    from .agents.models import load_chat_model
+    from .agents.session import SessionPolicy
+    from .agents.store import DirectoryStore, RedisStore
+
+    model, tokenizer, name = load_chat_model(args.model, args.adapter, args.gguf_file, args.tokenizer, args.dtype)
+    if args.redis:
+        import redis
+
+        store = RedisStore(redis.Redis.from_url(args.redis))
+    else:
+        store = DirectoryStore(args.sessions)
+    policy = SessionPolicy(window=args.window, write=args.write, write_roles=tuple(args.write_roles))
+    limits = Limits(max_new_tokens=max(args.max_new_tokens, 1))
+    engine = ChatEngine(
+        model, tokenizer, store, policy, max_batch_size=args.batch_size, limits=limits, memory=not args.no_memory
+    )
+    return engine, name
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .agents.server import create_app, serve
+
+    engine, name = _engine(args)
+    serve(create_app(engine, name, default_max_tokens=args.max_new_tokens), args.host, args.port)
+    return 0
+
+
+CHAT_HELP = """commands: /reset (forget this session's messages and memory), /save PATH (write the memory to a
+safetensors file), /stats (counters, state norm), /forget (delete the session and quit), /quit"""
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .agents.engine import GenerationParams
+    from .state import DeltaMemory
+
+    engine, _ = _engine(args)
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    lines = open(args.input, encoding="utf-8") if args.input else None
+    interactive = lines is None
+    if interactive:
+        print(f"session {args.session!r}; {CHAT_HELP}")
+    try:
+        while True:
+            try:
+                line = input("you: ") if interactive else next(lines)
+            except (EOFError, StopIteration):
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if not interactive:
+                print(f"you: {line}")
+            command, _, argument = line.partition(" ")
+            if command == "/quit":
+                break
+            if command == "/reset":
+                engine.reset(args.session)
+                print("(session reset: messages and memory forgotten)")
+            elif command == "/stats":
+                print(json.dumps(engine.stats(args.session) or {"session_id": args.session, "messages": 0}))
+            elif command == "/forget":
+                engine.delete(args.session)
+                print("(session deleted)")
+                break
+            elif command == "/save":
+                record = engine.store.load(args.session)
+                if record is None or record.memory is None:
+                    print("(nothing in memory yet)")
+                else:
+                    path = argument.strip() or f"{args.session}-memory.safetensors"
+                    DeltaMemory.from_bytes(record.memory).save(path, overwrite=False)
+                    print(f"(memory written to {path})")
+            elif command.startswith("/"):
+                print(f"unknown command {command}; {CHAT_HELP}")
+            else:
+                result = engine.chat(args.session, [{"role": "user", "content": line}], params)
+                print(f"assistant: {result.reply}")
+    finally:
+        engine.close()
+        if lines is not None:
+            lines.close()
+    return 0
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model (default: the embedded tiny model, no downloads)")
+    model.add_argument("--model", default=None, help="base model: local directory or Hub id")
+    model.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    model.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: --model)")
+    model.add_argument("--adapter", default=None, help="δ-mem adapter directory or Hub id")
+    model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    sessions = parser.add_argument_group("sessions")
+    sessions.add_argument("--sessions", default="sessions", help="session directory (default: ./sessions)")
+    sessions.add_argument("--redis", default=None, help="keep sessions in Redis instead, e.g. redis://localhost:6379/0")
+    sessions.add_argument("--window", type=int, default=6, help="messages kept visible (default: 6)")
+    sessions.add_argument(
+        "--write", choices=("leave", "arrival"), default="leave", help="when a message is written (default: leave)"
+    )
+    sessions.add_argument(
+        "--write-roles", nargs="+", default=["user", "assistant"], help="whose messages are written (default: both)"
+    )
+    sessions.add_argument("--no-memory", action="store_true", help="baseline: disable the adapter, write nothing")
+    sessions.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default: 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the adapter files of an existing, non-empty OUTPUT_DIR"
     )
     importer.set_defaults(handler=_import_reference)
+
+    server = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible chat server with one δ-mem memory per session",
+        description="Serve POST /v1/chat/completions (streaming too), GET /v1/models and /v1/sessions/{id} "
+        "(GET, DELETE, POST .../reset); a request names its session with the X-Session-Id header or 'user'. "
+        "Needs the serve extra: pip install 'peft-deltamem[serve]'.",
+    )
+    _add_runtime_options(server)
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    server.add_argument("--batch-size", type=int, default=8, help="turns of different sessions per batch (default: 8)")
+    server.set_defaults(handler=_serve)
+
+    chat = commands.add_parser(
+        "chat",
+        help="terminal chat on one session",
+        description=f"Chat with the model on one session, saved after every turn. {CHAT_HELP}",
+    )
+    _add_runtime_options(chat)
+    chat.add_argument("--session", default="default", help="session id (default: default)")
+    chat.add_argument("--input", default=None, help="read turns from this file, one per line, instead of the terminal")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    chat.set_defaults(handler=_chat, batch_size=1)
     return parser
 
 

@@ -19,6 +19,7 @@ from .episodes import (
     episodes_map_fn,
     fit_prompt_and_answer,
     tokenize_messages,
+    tokenize_prompt,
     tokenize_prompt_and_answer,
     validate_messages,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "episodes_map_fn",
     "fit_prompt_and_answer",
     "tokenize_messages",
+    "tokenize_prompt",
     "tokenize_prompt_and_answer",
     "validate_ablation_probs",
     "validate_messages",

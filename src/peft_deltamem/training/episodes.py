@@ -154,8 +154,7 @@ def validate_messages(messages: Any, name: str = "example") -> list[dict[str, st
     """Check a chat example and return its messages as plain ``{"role", "content"}`` dicts.
 
     Raises :class:`EpisodeError` naming ``name`` and the problem: not a list, empty, a message that is not a
-    mapping, missing role/content, unknown role, non-string content, a system message that is not first, or an
-    assistant message with empty content.
+    mapping, missing role/content, unknown role, non-string content, or a system message that is not first.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise EpisodeError("not_a_list", f"{name}: messages must be a list of {{role, content}}, got {type(messages)}")
@@ -179,12 +178,6 @@ def validate_messages(messages: Any, name: str = "example") -> list[dict[str, st
             )
         if role == "system" and i != 0:
             raise EpisodeError("misplaced_system", f"{name}: message {i} is a system message; only the first may be")
-        if role == "assistant" and not content.strip():
-            raise EpisodeError(
-                "empty_answer",
-                f"{name}: message {i} is an assistant message with empty content, so there is nothing to learn from "
-                "it; drop the message or give it content",
-            )
         out.append({"role": role, "content": content})
     return out
 
@@ -234,6 +227,9 @@ class _TemplateFormat:
         segments = [bisect.bisect_right(starts, begin) - 1 for begin, _ in enc["offset_mapping"]]
         return list(enc["input_ids"]), segments, exact
 
+    def prompt(self, context: list[dict[str, str]]) -> list[int]:
+        return _encode(self.tokenizer, self.render(context, True))
+
     def prompt_and_answer(self, context: list[dict[str, str]], answer: dict[str, str]) -> tuple[list[int], list[int]]:
         prompt_text = self.render(context, True)
         full_text = self.render(context + [answer], False)
@@ -271,12 +267,14 @@ class _PlainFormat:
             segments += [k] * len(piece)
         return ids, segments, True
 
-    def prompt_and_answer(self, context: list[dict[str, str]], answer: dict[str, str]) -> tuple[list[int], list[int]]:
+    def prompt(self, context: list[dict[str, str]]) -> list[int]:
         prompt = list(self.bos)
         for message in context:
             prompt += self._message(message)
-        prompt += _encode(self.tokenizer, _PLAIN_GENERATION_PROMPT)
-        return prompt, _encode(self.tokenizer, f" {answer['content']}{self.eos}\n")
+        return prompt + _encode(self.tokenizer, _PLAIN_GENERATION_PROMPT)
+
+    def prompt_and_answer(self, context: list[dict[str, str]], answer: dict[str, str]) -> tuple[list[int], list[int]]:
+        return self.prompt(context), _encode(self.tokenizer, f" {answer['content']}{self.eos}\n")
 
 
 def _anchored_starts(text: str, messages: list[dict[str, str]], name: str) -> list[int]:
@@ -363,6 +361,19 @@ def tokenize_prompt_and_answer(
     return _make_format(tokenizer, config, name).prompt_and_answer(checked[:-1], checked[-1])
 
 
+def tokenize_prompt(
+    context: list[dict[str, str]],
+    tokenizer: Any,
+    *,
+    chat_format: Literal["auto", "template", "plain"] = "auto",
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Tokenise ``context`` + generation prompt: what an episode's visible stream holds before the answer."""
+    config = EpisodeConfig(chat_format=chat_format, chat_template_kwargs=chat_template_kwargs)
+    name = "messages"
+    return _make_format(tokenizer, config, name).prompt(validate_messages(list(context), name))
+
+
 def fit_prompt_and_answer(
     prompt: list[int], answer: list[int], max_length: int | None
 ) -> tuple[list[int], list[int], int, int]:
@@ -425,6 +436,12 @@ def build_episodes(
     fmt = _make_format(tokenizer, config, name)
     episodes = []
     for target in targets:
+        if not turns[target]["content"].strip():
+            raise EpisodeError(
+                "empty_answer",
+                f"{name}: message {target + offset} is an assistant message with empty content, so there is nothing "
+                "to supervise; drop the message or give it content",
+            )
         split = max(0, target - config.visible_turns)
         history, visible, answer = turns[:split], turns[split:target], turns[target]
 

@@ -1,0 +1,231 @@
+"""Load test of `peft-deltamem serve`: concurrent sessions, memory vs no memory vs full-history prompting.
+
+Starts the server (a subprocess on a free localhost port) three times: with δ-mem memory (a window of
+``--window`` messages, older ones written into memory), with the memory disabled (same window, older messages
+dropped), and with full-history prompting (no memory, every message kept in the prompt). Each time
+``--sessions`` clients each play ``--turns`` turns concurrently. The memory run is killed with SIGKILL halfway
+and restarted on the same session directory; the script then checks that every completed turn survived.
+Reports throughput, p50/p95 latency per turn and the server's peak RSS.
+
+Writes ``bench_agents.json`` and ``bench_agents.md`` into ``outputs/bench_agents/`` (git-ignored) unless
+``--out DIR`` or ``--write-docs`` says otherwise. Only localhost is contacted; every loop is bounded.
+
+    python scripts/bench_agents.py                                   # embedded tiny model, a quick run
+    python scripts/bench_agents.py --model DIR --gguf-file F --adapter DIR --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import add_output_options, doc_parser, output_dir
+
+
+def build_parser():
+    parser = doc_parser(__doc__)
+    parser.add_argument("--model", default=None, help="base model directory or Hub id (default: embedded tiny model)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
+    parser.add_argument("--adapter", default=None, help="δ-mem adapter directory")
+    parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions (default: 8)")
+    parser.add_argument("--turns", type=int, default=20, help="turns per session (default: 20)")
+    parser.add_argument("--window", type=int, default=4, help="visible messages with memory (default: 4)")
+    parser.add_argument("--max-tokens", type=int, default=8, help="reply length limit (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="server batch size (default: 8)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per request (default: 600)")
+    add_output_options(parser, "bench_agents", "bench_agents.json and bench_agents.md")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer here, before anything heavy is imported
+
+import httpx
+
+WORDS = "alice likes teal . we talked about trains bob likes gold then music and lunch later books again".split()
+CONFIGS = {
+    "δ-mem memory": ["--window", "{window}"],
+    "no memory (same window)": ["--window", "{window}", "--no-memory"],
+    "full-history prompting": ["--window", "100000", "--no-memory"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(args, extra: list[str], sessions_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "peft_deltamem.cli", "serve", "--port", str(port), "--sessions", str(sessions_dir)]
+    for flag, value in (("--model", args.model), ("--gguf-file", args.gguf_file), ("--adapter", args.adapter)):
+        if value:
+            command += [flag, value]
+    command += ["--max-new-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {process.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not start within 300 s")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def message(session: int, turn: int) -> str:
+    return " ".join(WORDS[(session * 7 + turn * 3 + i) % len(WORDS)] for i in range(6))
+
+
+def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float) -> list[float]:
+    """Every session plays ``turns`` concurrently (one thread each); returns the latency of every turn."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def session_loop(s: int) -> None:
+        with httpx.Client(timeout=timeout) as client:
+            for t in turns:
+                body = {"messages": [{"role": "user", "content": message(s, t)}], "max_tokens": max_tokens}
+                start = time.perf_counter()
+                response = client.post(f"{url}/v1/chat/completions", json=body, headers={"X-Session-Id": f"s{s}"})
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(response.text)
+                    latencies.append(elapsed)
+
+    threads = [threading.Thread(target=session_loop, args=(s,)) for s in range(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0][:500]}")
+    return latencies
+
+
+def run_config(args, name: str, extra: list[str], workdir: Path) -> dict:
+    extra = [a.format(window=args.window) for a in extra]
+    sessions_dir = workdir / name.replace(" ", "_")
+    process, url = start(args, extra, sessions_dir)
+    half = args.turns // 2 if name == "δ-mem memory" else args.turns
+    wall = time.perf_counter()
+    latencies = play(url, args.sessions, range(half), args.max_tokens, args.timeout)
+    wall = time.perf_counter() - wall
+    peak = peak_rss_mib(process.pid)
+    restart = None
+    if half < args.turns:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        down = time.perf_counter()
+        process, url = start(args, extra, sessions_dir)
+        restart_s = time.perf_counter() - down
+        counts = [httpx.get(f"{url}/v1/sessions/s{s}").json()["messages"] for s in range(args.sessions)]
+        lost = sum(max(0, 2 * half - c) for c in counts)
+        second = time.perf_counter()
+        latencies += play(url, args.sessions, range(half, args.turns), args.max_tokens, args.timeout)
+        wall += time.perf_counter() - second
+        peak = max(peak, peak_rss_mib(process.pid))
+        restart = {"after_turn": half, "restart_s": restart_s, "messages_lost": lost}
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    turns = args.sessions * args.turns
+    return {
+        "turns": turns,
+        "wall_s": wall,
+        "turns_per_s": turns / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": statistics.quantiles(latencies, n=20)[-1],
+        "peak_rss_mib": peak,
+        "restart": restart,
+    }
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Load test: `peft-deltamem serve`",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; load average before the run {meta['load_before']}  ",
+        f"Model: {meta['model']}; {meta['sessions']} concurrent sessions × {meta['turns']} turns, replies of at most "
+        f"{meta['max_tokens']} tokens, server batch size {meta['batch_size']}",
+        "",
+        "| configuration | turns/s | p50 latency | p95 latency | server peak RSS | kill -9 + restart |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in results["configs"].items():
+        restart = r["restart"]
+        note = (
+            f"after turn {restart['after_turn']}: restarted in {restart['restart_s']:.1f} s, "
+            f"{restart['messages_lost']} messages of completed turns lost"
+            if restart
+            else "—"
+        )
+        lines.append(
+            f"| {name} | {r['turns_per_s']:.2f} | {r['p50_s'] * 1e3:.0f} ms | {r['p95_s'] * 1e3:.0f} ms | "
+            f"{r['peak_rss_mib']:.0f} MiB | {note} |"
+        )
+    lines += [
+        "",
+        "Latency is per turn as the client sees it (queueing included). The memory configuration keeps the prompt "
+        "at the window; full-history prompting re-reads every earlier message at every turn.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = output_dir(parser, args)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {name: run_config(args, name, extra, Path(tmp)) for name, extra in CONFIGS.items()}
+    results = {
+        "meta": {
+            "command": "python scripts/bench_agents.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "load_before": round(load_before, 2),
+            "model": args.model or "embedded tiny model",
+            "sessions": args.sessions,
+            "turns": args.turns,
+            "max_tokens": args.max_tokens,
+            "batch_size": args.batch_size,
+        },
+        "configs": configs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_agents.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    (out / "bench_agents.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {out / 'bench_agents.json'} and {out / 'bench_agents.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""The chat engine: turns of many sessions batched into one forward/generate, one memory row per session.
+
+``engine.chat(session_id, messages)`` is thread-safe and blocking; concurrent calls for *different* sessions
+are collected by one worker thread into a batch (up to ``max_batch_size``), run together with left padding and
+one memory row each, and saved one by one. Turns of the *same* session never interleave: the engine puts at
+most one turn per session in a batch, and the store's lock (held from loading the session until it is saved,
+taken in sorted id order across the batch) serialises them across processes too. A turn is saved before its
+reply is returned, so a crash loses no completed turn; a turn that fails changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..state import DeltaMemory
+from .session import RequestTooLarge, SessionPolicy, check_new_messages, new_messages, plan_turn
+from .store import SessionRecord, SessionStore, check_session_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request (a larger one gets a clear error)."""
+
+    max_messages: int = 64
+    max_chars: int = 32_000
+    max_new_tokens: int = 1024
+    lock_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+    def key(self) -> tuple:
+        return (self.temperature, self.top_p)
+
+
+@dataclass
+class TurnResult:
+    reply: str
+    prompt_tokens: int
+    completion_tokens: int
+    written_tokens: int
+    finish_reason: str  # "stop" (end of turn) or "length"
+
+
+@dataclass
+class _Request:
+    session_id: str
+    messages: list
+    params: GenerationParams
+    on_text: Callable[[str], None] | None
+    future: Future = field(default_factory=Future)
+
+
+class ChatEngine:
+    """Serve chat turns of many sessions on one δ-mem model (see the module docstring).
+
+    ``model`` is a PEFT model with a δ-mem adapter (in eval mode), ``tokenizer`` its chat tokenizer,
+    ``store`` a :class:`~peft_deltamem.agents.store.SessionStore`. ``memory=False`` serves the same sessions and
+    window without the memory (the adapter disabled, nothing written): the baseline to compare against.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        store: SessionStore,
+        policy: SessionPolicy | None = None,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.005,
+        limits: Limits | None = None,
+        memory: bool = True,
+    ) -> None:
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.store = store
+        self.policy = policy or SessionPolicy()
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.limits = limits or Limits()
+        self.memory = memory  # False: a baseline that drops what leaves the window (adapter disabled, no writes)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self.segment_writes = _segment_writes(model)
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    # --------------------------------------------------------------------------------------------- API
+
+    def chat(
+        self,
+        session_id: str,
+        messages: list[dict[str, str]],
+        params: GenerationParams | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> TurnResult:
+        """Add ``messages`` (ending with a user message) to the session and return the model's reply."""
+        return self.submit(session_id, messages, params, on_text).result()
+
+    def submit(self, session_id, messages, params=None, on_text=None) -> Future:
+        """Queue a turn; the future gives its :class:`TurnResult` (or the error)."""
+        check_session_id(session_id)
+        params = params or GenerationParams()
+        if not 1 <= params.max_new_tokens <= self.limits.max_new_tokens:
+            raise RequestTooLarge(
+                f"max_new_tokens must be in 1..{self.limits.max_new_tokens}, got {params.max_new_tokens}"
+            )
+        checked = check_new_messages(messages, self.limits.max_messages, self.limits.max_chars)
+        if self._closed:
+            raise RuntimeError("the chat engine is closed")
+        self._ensure_worker()
+        request = _Request(session_id, checked, params, on_text)
+        self._queue.put(request)
+        return request.future
+
+    def reset(self, session_id: str) -> bool:
+        """Forget the session's messages and memory (the session stays, empty); False if it did not exist."""
+        with self.store.lock(check_session_id(session_id), self.limits.lock_timeout):
+            if self.store.load(session_id) is None:
+                return False
+            self.store.save(session_id, SessionRecord())
+            return True
+
+    def delete(self, session_id: str) -> bool:
+        with self.store.lock(check_session_id(session_id), self.limits.lock_timeout):
+            return self.store.delete(session_id)
+
+    def stats(self, session_id: str) -> dict | None:
+        """Counters of a stored session (messages, turns, tokens written, memory norm), or None."""
+        record = self.store.load(check_session_id(session_id))
+        if record is None:
+            return None
+        norm = 0.0
+        if record.memory is not None:
+            states = DeltaMemory.from_bytes(record.memory).states
+            norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in states.values())))
+        return {
+            "session_id": session_id,
+            "messages": len(record.messages),
+            "messages_in_memory": record.processed,
+            "window": self.policy.window,
+            "state_norm": norm,
+            **record.stats,
+        }
+
+    def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+
+    # ------------------------------------------------------------------------------------------ worker
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="delta-mem-chat-engine", daemon=True)
+                self._worker.start()
+
+    def _loop(self) -> None:
+        held: list[_Request] = []  # turns of sessions that already had a turn in the last batch, in order
+        while True:
+            batch, sessions, rest = [], set(), []
+            for request in held:  # oldest first, one per session
+                (rest if request.session_id in sessions or len(batch) >= self.max_batch_size else batch).append(request)
+                sessions.add(request.session_id)
+            held = rest
+            if not batch:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch.append(first)
+                sessions.add(first.session_id)
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    request = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if request is None:
+                    self._queue.put(None)
+                    break
+                if request.session_id in sessions:
+                    held.append(request)
+                else:
+                    batch.append(request)
+                    sessions.add(request.session_id)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        for group in _group(batch):
+            try:
+                self._run_group(group)
+            except BaseException as error:  # noqa: BLE001 - every request of the group learns why
+                logger.exception("chat batch failed")
+                for request in group:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+
+    def _run_group(self, group: list[_Request]) -> None:
+        with contextlib.ExitStack() as locks:
+            ready: list[tuple[_Request, SessionRecord, object, DeltaMemory]] = []
+            for request in sorted(group, key=lambda r: r.session_id):  # one lock order: no deadlock
+                try:
+                    locks.enter_context(self.store.lock(request.session_id, self.limits.lock_timeout))
+                    record = self.store.load(request.session_id) or SessionRecord()
+                    plan = plan_turn(
+                        record.messages,
+                        record.processed,
+                        new_messages(record.messages, request.messages),
+                        self.tokenizer,
+                        self.policy,
+                    )
+                    memory = (
+                        DeltaMemory.from_bytes(record.memory)
+                        if record.memory is not None
+                        else self.model.new_memory(batch_size=1)
+                    )
+                except BaseException as error:  # noqa: BLE001 - only this request fails
+                    request.future.set_exception(error)
+                    continue
+                if not self.memory:
+                    plan.writes = []
+                ready.append((request, record, plan, memory))
+            if not ready:
+                return
+            memories = self._write([plan.writes for _, _, plan, _ in ready], [m for *_, m in ready])
+            replies = self._generate([r for r, *_ in ready], [plan.prompt for _, _, plan, _ in ready], memories)
+            for (request, record, plan, _), memory, (tokens, finish) in zip(ready, memories, replies):
+                reply = _text(self.tokenizer, tokens)
+                stats = dict(record.stats)
+                stats["turns"] = stats.get("turns", 0) + 1
+                stats["tokens_written"] = stats.get("tokens_written", 0) + sum(len(w) for w in plan.writes)
+                new_record = SessionRecord(
+                    messages=plan.messages + [{"role": "assistant", "content": reply}],
+                    processed=plan.processed,
+                    memory=memory.to_bytes(),
+                    stats=stats,
+                )
+                self.store.save(request.session_id, new_record)
+                request.future.set_result(
+                    TurnResult(reply, len(plan.prompt), len(tokens), sum(len(w) for w in plan.writes), finish)
+                )
+
+    @torch.no_grad()
+    def _write(self, writes: list[list[list[int]]], memories: list[DeltaMemory]) -> list[DeltaMemory]:
+        """Write each row's messages in order, one message per call, rows batched (right padding)."""
+        memories = list(memories)
+        device = self._device()
+        for step in range(max((len(w) for w in writes), default=0)):
+            rows = [i for i, w in enumerate(writes) if len(w) > step]
+            pieces = [writes[i][step] for i in rows]
+            width = max(len(p) for p in pieces)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, piece in enumerate(pieces):
+                ids[j, : len(piece)] = torch.tensor(piece)
+                mask[j, : len(piece)] = 1
+            memory = DeltaMemory.cat([memories[i] for i in rows])
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "memory": memory}
+            if self.segment_writes:  # one message per call: one segment
+                kwargs["memory_segment_ids"] = torch.zeros_like(ids).to(device)
+            self.model(**kwargs, use_cache=False, logits_to_keep=1)
+            for j, i in enumerate(rows):
+                memories[i] = memory.select([j])
+        return memories
+
+    @torch.no_grad()
+    def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory]):
+        """One generate over all rows (left padding), reading the memories without writing."""
+        device = self._device()
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for j, prompt in enumerate(prompts):
+            ids[j, width - len(prompt) :] = torch.tensor(prompt)
+            mask[j, width - len(prompt) :] = 1
+        params = requests[0].params
+        limit = max(r.params.max_new_tokens for r in requests)
+        sampling = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        streamer = _RowStreamer(self.tokenizer, requests, self.stop_ids) if any(r.on_text for r in requests) else None
+        kwargs = {"memory": DeltaMemory.cat(memories), "memory_writes": False} if self.memory else {}
+        with contextlib.nullcontext() if self.memory else self.model.disable_adapter():
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=limit,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.stop_ids),
+                streamer=streamer,
+                **kwargs,
+                **sampling,
+            )
+        results = []
+        for j, request in enumerate(requests):
+            generated = out[j, width:].tolist()[: request.params.max_new_tokens]
+            stop = next((k for k, t in enumerate(generated) if t in self.stop_ids), None)
+            if stop is not None:
+                results.append((generated[:stop], "stop"))
+            else:
+                results.append((generated, "length"))
+        return results
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _group(batch: list[_Request]) -> list[list[_Request]]:
+    """Requests that can share one generate (same sampling settings)."""
+    groups: dict[tuple, list[_Request]] = {}
+    for request in batch:
+        groups.setdefault(request.params.key(), []).append(request)
+    return list(groups.values())
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    if not ids:
+        raise ValueError("neither the model's generation_config nor the tokenizer names an end-of-sequence token")
+    return ids
+
+
+def _segment_writes(model) -> bool:
+    configs = getattr(model, "peft_config", {})
+    return any(getattr(c, "write_granularity", None) == "segment" for c in configs.values())
+
+
+def _text(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new text to its request's ``on_text`` as generate produces tokens.
+
+    The pieces of a row add up to exactly the reply the turn returns (and saves).
+    """
+
+    def __init__(self, tokenizer, requests: list[_Request], stop_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.requests = requests
+        self.stop_ids = stop_ids
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.sent = [""] * len(requests)
+        self.done = [False] * len(requests)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first passes the prompt
+            self.prompt_seen = True
+            return
+        for j, token in enumerate(value.view(len(self.requests), -1)[:, -1].tolist()):
+            if self.done[j]:
+                continue
+            if token in self.stop_ids or len(self.tokens[j]) >= self.requests[j].params.max_new_tokens:
+                self.done[j] = True
+                continue
+            self.tokens[j].append(token)
+            self._send(j)
+
+    def end(self) -> None:
+        for j in range(len(self.requests)):
+            self._send(j)
+
+    def _send(self, j: int) -> None:
+        text = _text(self.tokenizer, self.tokens[j])
+        callback = self.requests[j].on_text
+        if callback is not None and text.startswith(self.sent[j]) and len(text) > len(self.sent[j]):
+            callback(text[len(self.sent[j]) :])
+            self.sent[j] = text

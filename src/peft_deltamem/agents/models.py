@@ -1,0 +1,57 @@
+"""Loading the chat model behind the CLI and the server: a base model with a δ-mem adapter, or the embedded default."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded-tiny"
+
+
+def load_chat_model(
+    model: str | None = None,
+    adapter: str | None = None,
+    gguf_file: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str = "auto",
+):
+    """Return ``(peft_model, tokenizer, name)`` in eval mode.
+
+    ``model=None`` loads the embedded default: a tiny Llama built locally with the recall task's word-level chat
+    tokenizer (no downloads; for trying the runtime, not for conversation quality). Otherwise ``model`` is a
+    local directory or Hub id (``gguf_file`` for GGUF checkpoints) and ``adapter`` a δ-mem adapter directory or
+    Hub id; without ``adapter`` a fresh δ-mem adapter is attached (an exact no-op until trained).
+    """
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import DeltaMemConfig
+
+    if model is None:
+        if gguf_file or tokenizer:
+            raise ValueError("--gguf-file and --tokenizer need --model")
+        from ..recall_task import build_tokenizer
+        from ..tiny_models import tiny_model
+
+        tok = build_tokenizer()
+        base = tiny_model("llama", vocab_size=len(tok))
+        name = EMBEDDED
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer or model, gguf_file=None if tokenizer else gguf_file)
+        base = AutoModelForCausalLM.from_pretrained(
+            model, gguf_file=gguf_file, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+        )
+        name = model
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        logger.warning("%s has no chat template; turns are rendered in the plain 'Role: content' format", name)
+    if adapter is not None:
+        peft_model = PeftModel.from_pretrained(base, adapter)
+        name = f"{name}+{adapter}"
+    else:
+        peft_model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
+        logger.warning("no --adapter: a fresh, untrained δ-mem adapter is attached (it changes nothing until trained)")
+    return peft_model.eval(), tok, name

@@ -1,0 +1,183 @@
+"""An OpenAI-compatible HTTP server over a :class:`~peft_deltamem.agents.engine.ChatEngine`.
+
+Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events with ``"stream": true``), ``GET /v1/models``,
+``GET /v1/sessions/{id}`` (counters), ``POST /v1/sessions/{id}/reset`` and ``DELETE /v1/sessions/{id}``. A chat
+request names its session with the ``X-Session-Id`` header or the request's ``user`` field.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engine import ChatEngine, GenerationParams
+from .session import RequestTooLarge
+from .store import InvalidSessionId, SessionBusy
+
+MAX_REQUEST_BYTES = 1_000_000
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    user: str | None = None
+
+
+def create_app(engine: ChatEngine, model_name: str, default_max_tokens: int = 256) -> FastAPI:
+    """The FastAPI application serving ``engine`` under the model id ``model_name``."""
+    app = FastAPI(title="peft-deltamem", description="OpenAI-compatible chat with per-session δ-mem memory")
+    created = int(time.time())
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+            return _error(413, f"request body of {length} bytes; the limit is {MAX_REQUEST_BYTES}")
+        return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return _error(error.status_code, str(error.detail))
+
+    @app.exception_handler(InvalidSessionId)
+    async def invalid_session(request: Request, error: InvalidSessionId):
+        return _error(400, str(error))
+
+    @app.exception_handler(RequestTooLarge)
+    async def too_large(request: Request, error: RequestTooLarge):
+        return _error(413, str(error))
+
+    @app.exception_handler(SessionBusy)
+    async def busy(request: Request, error: SessionBusy):
+        return _error(409, str(error))
+
+    @app.exception_handler(ValueError)
+    async def bad_request(request: Request, error: ValueError):
+        return _error(400, str(error))
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "peft-deltamem"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatRequest, x_session_id: str | None = Header(default=None)):
+        session_id = x_session_id or body.user
+        if not session_id:
+            raise HTTPException(400, "name the session: send an X-Session-Id header or the request's 'user' field")
+        params = GenerationParams(
+            max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+        )
+        messages = [m.model_dump() for m in body.messages]
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if not body.stream:
+            result = engine.chat(session_id, messages, params)
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.reply},
+                        "finish_reason": result.finish_reason,
+                    }
+                ],
+                "usage": _usage(result),
+            }
+        pieces: queue.Queue[Any] = queue.Queue()
+        future = engine.submit(session_id, messages, params, on_text=pieces.put)  # errors before streaming: 4xx
+        future.add_done_callback(lambda _: pieces.put(_DONE))
+        return StreamingResponse(_events(pieces, future, completion_id, model_name), media_type="text/event-stream")
+
+    @app.get("/v1/sessions/{session_id}")
+    def session(session_id: str) -> dict:
+        stats = engine.stats(session_id)
+        if stats is None:
+            raise HTTPException(404, f"no session {session_id!r}")
+        return stats
+
+    @app.post("/v1/sessions/{session_id}/reset")
+    def reset(session_id: str) -> dict:
+        if not engine.reset(session_id):
+            raise HTTPException(404, f"no session {session_id!r}")
+        return {"session_id": session_id, "reset": True}
+
+    @app.delete("/v1/sessions/{session_id}")
+    def delete(session_id: str) -> dict:
+        if not engine.delete(session_id):
+            raise HTTPException(404, f"no session {session_id!r}")
+        return {"session_id": session_id, "deleted": True}
+
+    return app
+
+
+_DONE = object()
+
+
+def _events(pieces: queue.Queue, future, completion_id: str, model_name: str):
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    while (piece := pieces.get()) is not _DONE:
+        yield chunk({"content": piece})
+    error = future.exception()
+    if error is not None:
+        yield f"data: {json.dumps({'error': {'message': str(error), 'type': type(error).__name__}})}\n\n"
+    else:
+        yield chunk({}, future.result().finish_reason)
+    yield "data: [DONE]\n\n"
+
+
+def _usage(result) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error"}})
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+__all__ = ["create_app", "serve"]

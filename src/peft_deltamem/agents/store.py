@@ -1,0 +1,229 @@
+"""Where sessions live between turns: a directory (default) or Redis, with one lock per session.
+
+A session is stored as a :class:`SessionRecord`: the message log and counters as JSON, and the memory as
+the bytes of a ``DeltaMemory`` safetensors file. Saving is atomic: a reader sees the old turn or the new
+one, never a mix. The lock serialises turns of one session across threads and processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
+RECORD_VERSION = 1
+
+
+class InvalidSessionId(ValueError):
+    """A session id that could escape the store or is not a plain name."""
+
+
+class SessionBusy(TimeoutError):
+    """Another turn of the same session holds its lock."""
+
+
+def check_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a plain name (letters, digits, ``_ . @ -``; 1–128 chars; no ``..``)."""
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id) or ".." in session_id:
+        raise InvalidSessionId(
+            f"invalid session id {session_id!r}: use 1-128 characters from letters, digits and _ . @ - , starting "
+            "with a letter or digit, without '..'"
+        )
+    return session_id
+
+
+@dataclass
+class SessionRecord:
+    """What a store keeps of one session."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)  # the whole log, oldest first
+    processed: int = 0  # messages[:processed] have been written into memory (or skipped by the write policy)
+    memory: bytes | None = None  # DeltaMemory.to_bytes(); None: nothing written yet
+    stats: dict = field(default_factory=dict)  # turns, tokens_written, ...
+
+    def to_dict(self) -> dict:
+        """Everything but the memory bytes, as JSON-ready data."""
+        data = asdict(self)
+        data.pop("memory")
+        return {"version": RECORD_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict, memory: bytes | None) -> SessionRecord:
+        data = dict(data)
+        if data.pop("version", None) != RECORD_VERSION:
+            raise ValueError(f"session record of an unknown version; this peft-deltamem reads version {RECORD_VERSION}")
+        return cls(messages=data["messages"], processed=data["processed"], stats=data["stats"], memory=memory)
+
+
+class SessionStore(ABC):
+    """A place for session records with a lock per session (see :class:`DirectoryStore`, :class:`RedisStore`)."""
+
+    @abstractmethod
+    def load(self, session_id: str) -> SessionRecord | None:
+        """The stored record, or None for a session that does not exist."""
+
+    @abstractmethod
+    def save(self, session_id: str, record: SessionRecord) -> None:
+        """Store ``record`` atomically (replaces the previous one)."""
+
+    @abstractmethod
+    def delete(self, session_id: str) -> bool:
+        """Remove the session; False if it did not exist."""
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """The ids of the stored sessions."""
+
+    @abstractmethod
+    def lock(self, session_id: str, timeout: float | None = None) -> contextlib.AbstractContextManager:
+        """Hold the session's lock (across threads and processes); raises :class:`SessionBusy` after ``timeout``."""
+
+
+class DirectoryStore(SessionStore):
+    """One folder per session under ``root``: ``session.json`` and the memory file it names.
+
+    A save writes a new memory file, then atomically replaces ``session.json`` (which names that file), then
+    removes the previous memory file: a crash at any point leaves a consistent session. The lock is an
+    ``fcntl`` lock on ``<root>/<id>/.lock`` (threads and processes on one machine).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, session_id: str) -> Path:
+        return self.root / check_session_id(session_id)
+
+    def load(self, session_id: str) -> SessionRecord | None:
+        folder = self._dir(session_id)
+        meta = folder / "session.json"
+        if not meta.is_file():
+            return None
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        name = data.pop("memory_file", None)
+        return SessionRecord.from_dict(data, (folder / name).read_bytes() if name else None)
+
+    def save(self, session_id: str, record: SessionRecord) -> None:
+        folder = self._dir(session_id)
+        folder.mkdir(exist_ok=True)
+        meta = folder / "session.json"
+        previous = json.loads(meta.read_text(encoding="utf-8")).get("memory_file") if meta.is_file() else None
+        name = None
+        if record.memory is not None:
+            name = f"memory-{time.time_ns()}.safetensors"
+            _atomic_write(folder / name, record.memory)
+        data = {**record.to_dict(), "memory_file": name}
+        _atomic_write(meta, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+        if previous and previous != name:
+            (folder / previous).unlink(missing_ok=True)
+
+    def delete(self, session_id: str) -> bool:
+        folder = self._dir(session_id)
+        if not folder.is_dir():
+            return False
+        shutil.rmtree(folder)
+        return True
+
+    def list(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / "session.json").is_file())
+
+    @contextlib.contextmanager
+    def lock(self, session_id: str, timeout: float | None = None) -> Iterator[None]:
+        folder = self._dir(session_id)
+        folder.mkdir(exist_ok=True)
+        with open(folder / ".lock", "a+") as handle:  # a separate open file: flock also excludes other threads
+            _flock(handle, session_id, timeout)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class RedisStore(SessionStore):
+    """Sessions in Redis, shared by several server processes: one hash per session, a Redis lock per session.
+
+    ``client`` is a ``redis.Redis`` (``redis.Redis.from_url("redis://localhost:6379/0")``). A save writes the
+    JSON and the memory bytes in one transaction.
+    """
+
+    def __init__(self, client, prefix: str = "peft-deltamem", lock_ttl: float = 600.0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.lock_ttl = lock_ttl
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{check_session_id(session_id)}"
+
+    def load(self, session_id: str) -> SessionRecord | None:
+        data = self.client.hgetall(self._key(session_id))
+        if not data:
+            return None
+        memory = data.get(b"memory") or None
+        return SessionRecord.from_dict(json.loads(data[b"record"]), memory)
+
+    def save(self, session_id: str, record: SessionRecord) -> None:
+        key = self._key(session_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping={"record": json.dumps(record.to_dict()), "memory": record.memory or b""})
+            pipe.sadd(f"{self.prefix}:sessions", session_id)
+            pipe.execute()
+
+    def delete(self, session_id: str) -> bool:
+        key = self._key(session_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.srem(f"{self.prefix}:sessions", session_id)
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+    def list(self) -> list[str]:
+        return sorted(m.decode("utf-8") for m in self.client.smembers(f"{self.prefix}:sessions"))
+
+    @contextlib.contextmanager
+    def lock(self, session_id: str, timeout: float | None = None) -> Iterator[None]:
+        lock = self.client.lock(f"{self._key(session_id)}:lock", timeout=self.lock_ttl, blocking_timeout=timeout)
+        if not lock.acquire(blocking=True):
+            raise SessionBusy(f"session {session_id!r} is busy with another turn (waited {timeout} s)")
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def _flock(handle, session_id: str, timeout: float | None) -> None:
+    if timeout is None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise SessionBusy(f"session {session_id!r} is busy with another turn (waited {timeout} s)") from None
+            time.sleep(0.005)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,312 @@
+"""Sessions and the chat engine: incremental = whole, resume = uninterrupted, batches = alone, no interleaving."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_deltamem import DeltaMemConfig, DeltaMemory
+from peft_deltamem.agents.engine import ChatEngine, GenerationParams, Limits
+from peft_deltamem.agents.session import RequestTooLarge, SessionPolicy, new_messages, plan_turn
+from peft_deltamem.agents.store import DirectoryStore, InvalidSessionId, SessionBusy, SessionRecord
+from peft_deltamem.recall_task import NOISE, VALUES, build_tokenizer
+from peft_deltamem.tiny_models import tiny_model
+
+USER_TURNS = [
+    "alice likes teal .",
+    "we talked about trains",
+    "bob likes gold .",
+    "then music and lunch",
+    "later books again",
+    "alice likes ?",
+]
+PARAMS = GenerationParams(max_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def make_model(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    base = tiny_model("llama", seed=seed, vocab_size=len(tokenizer))
+    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    return get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+def engine_for(model, tokenizer, root, **kwargs) -> ChatEngine:
+    kwargs.setdefault("policy", SessionPolicy(window=2))
+    return ChatEngine(model, tokenizer, DirectoryStore(root), **kwargs)
+
+
+def run_turns(engine: ChatEngine, session: str, turns=USER_TURNS) -> list[str]:
+    return [engine.chat(session, [{"role": "user", "content": t}], PARAMS).reply for t in turns]
+
+
+def memory_of(engine: ChatEngine, session: str) -> dict[str, torch.Tensor]:
+    return DeltaMemory.from_bytes(engine.store.load(session).memory).states
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+def test_plan_writes_each_message_once_when_it_leaves_the_window(tokenizer):
+    policy = SessionPolicy(window=2)
+    log = [{"role": "user", "content": "alice likes teal ."}, {"role": "assistant", "content": "ok"}]
+    plan = plan_turn(log, 0, [{"role": "user", "content": "bob likes ?"}], tokenizer, policy)
+    assert plan.processed == 1 and len(plan.writes) == 1  # the first message left the two-message window
+    assert tokenizer.decode(plan.writes[0]) == tokenizer.decode(tokenizer("<bos> alice likes teal .").input_ids)
+    again = plan_turn(plan.messages + [{"role": "assistant", "content": "red"}], plan.processed, [], tokenizer, policy)
+    assert again.processed == 2 and tokenizer.decode(again.writes[0]) == "ok"  # never re-written
+
+
+def test_write_roles_keep_questions_out_of_memory(tokenizer):
+    log = [{"role": "user", "content": "alice likes ?"}, {"role": "assistant", "content": "teal"}]
+    plan = plan_turn(
+        log, 0, [{"role": "user", "content": "bob"}], tokenizer, SessionPolicy(window=1, write_roles=("assistant",))
+    )
+    assert plan.processed == 2 and [tokenizer.decode(w) for w in plan.writes] == ["teal"]
+
+
+def test_arrival_policy_writes_the_new_message_before_the_reply(tokenizer):
+    plan = plan_turn(
+        [], 0, [{"role": "user", "content": "alice likes teal ."}], tokenizer, SessionPolicy(write="arrival")
+    )
+    assert plan.processed == 1 and len(plan.writes) == 1
+
+
+def test_a_client_resending_the_whole_conversation_adds_only_the_new_messages():
+    log = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert new_messages(log, [*log, {"role": "user", "content": "c"}]) == [{"role": "user", "content": "c"}]
+    assert new_messages(log, [{"role": "user", "content": "c"}]) == [{"role": "user", "content": "c"}]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"window": 0}, "window"), ({"write": "never"}, "write"), ({"write_roles": ("system",)}, "write_roles")],
+)
+def test_policy_refuses_bad_values_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SessionPolicy(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the engine
+
+
+def test_incremental_ingestion_equals_the_whole_history_at_once(model, tokenizer, tmp_path, one_thread):
+    turn_by_turn = engine_for(model, tokenizer, tmp_path / "a")
+    replies = run_turns(turn_by_turn, "s")
+    log = turn_by_turn.store.load("s").messages
+    at_once = engine_for(model, tokenizer, tmp_path / "b")
+    last = at_once.chat("s", log[:-1], PARAMS)  # the whole history up to the last question, in one request
+    assert last.reply == replies[-1]
+    assert at_once.store.load("s").processed == turn_by_turn.store.load("s").processed
+    for name, state in memory_of(turn_by_turn, "s").items():
+        assert torch.equal(state, memory_of(at_once, "s")[name]), name
+    assert any(t.abs().sum() > 0 for t in memory_of(at_once, "s").values())
+    turn_by_turn.close(), at_once.close()
+
+
+def test_memory_changes_the_reply_and_the_baseline_has_none(model, tokenizer, tmp_path, one_thread):
+    with_memory = engine_for(model, tokenizer, tmp_path / "m")
+    without = engine_for(model, tokenizer, tmp_path / "n", memory=False)
+    assert run_turns(with_memory, "s") != run_turns(without, "s")
+    assert without.store.load("s").memory is None or DeltaMemory.from_bytes(without.store.load("s").memory).is_empty
+    with_memory.close(), without.close()
+
+
+def test_concurrent_sessions_in_one_batch_equal_each_session_alone(model, tokenizer, tmp_path, one_thread):
+    alone = engine_for(model, tokenizer, tmp_path / "alone", max_batch_size=1)
+    expected = {s: run_turns(alone, s, USER_TURNS[i:] + USER_TURNS[:i]) for i, s in enumerate(["p", "q", "r"])}
+    batched = engine_for(model, tokenizer, tmp_path / "batched", max_batch_size=3, batch_wait_s=0.5)
+    sizes = []
+    original = batched._generate
+    batched._generate = lambda requests, *a: sizes.append(len(requests)) or original(requests, *a)
+    got = {s: [] for s in expected}
+    for step in range(len(USER_TURNS)):
+        futures = {
+            s: batched.submit(s, [{"role": "user", "content": (USER_TURNS[i:] + USER_TURNS[:i])[step]}], PARAMS)
+            for i, s in enumerate(expected)
+        }
+        for s, future in futures.items():
+            got[s].append(future.result().reply)
+    assert max(sizes) == 3  # the turns really ran as one batch
+    assert got == expected
+    for s in expected:
+        for name, state in memory_of(alone, s).items():
+            torch.testing.assert_close(memory_of(batched, s)[name], state, atol=1e-6, rtol=1e-5)
+    alone.close(), batched.close()
+
+
+def test_two_requests_on_one_session_never_interleave(model, tokenizer, tmp_path, one_thread):
+    engine = engine_for(model, tokenizer, tmp_path, max_batch_size=4, batch_wait_s=0.2)
+    futures = [engine.submit("s", [{"role": "user", "content": t}], PARAMS) for t in USER_TURNS[:4]]
+    results = [f.result() for f in futures]
+    log = engine.store.load("s").messages
+    assert [m["role"] for m in log] == ["user", "assistant"] * 4
+    assert [m["content"] for m in log[0::2]] == USER_TURNS[:4]  # in submission order, each after the last reply
+    assert [m["content"] for m in log[1::2]] == [r.reply for r in results]
+    sequential = engine_for(model, tokenizer, tmp_path / "seq")
+    assert run_turns(sequential, "s", USER_TURNS[:4]) == [r.reply for r in results]
+    engine.close(), sequential.close()
+
+
+def test_a_failed_turn_changes_nothing(model, tokenizer, tmp_path, one_thread, monkeypatch):
+    engine = engine_for(model, tokenizer, tmp_path)
+    run_turns(engine, "s", USER_TURNS[:3])
+    before = engine.store.load("s")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "_generate", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.chat("s", [{"role": "user", "content": "later books again"}], PARAMS)
+    after = engine.store.load("s")
+    assert after.messages == before.messages and after.memory == before.memory and after.processed == before.processed
+    engine.close()
+
+
+def test_resume_in_a_fresh_process_gives_the_uninterrupted_reply(model, tokenizer, tmp_path, one_thread):
+    model.save_pretrained(tmp_path / "adapter")
+    model.get_base_model().save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    uninterrupted = engine_for(model, tokenizer, tmp_path / "u")
+    expected = run_turns(uninterrupted, "s")
+    first = engine_for(model, tokenizer, tmp_path / "r")
+    run_turns(first, "s", USER_TURNS[:-1])
+    first.close()
+    script = (
+        "import json, sys\n"
+        "from peft_deltamem.agents.engine import ChatEngine, GenerationParams\n"
+        "from peft_deltamem.agents.models import load_chat_model\n"
+        "from peft_deltamem.agents.session import SessionPolicy\n"
+        "from peft_deltamem.agents.store import DirectoryStore\n"
+        "model, tok, _ = load_chat_model(sys.argv[1], sys.argv[2])\n"
+        "model.generation_config.eos_token_id = tok.eos_token_id\n"
+        "engine = ChatEngine(model, tok, DirectoryStore(sys.argv[3]), SessionPolicy(window=2))\n"
+        "print(json.dumps(engine.chat('s', [{'role': 'user', 'content': sys.argv[4]}], GenerationParams(3)).reply))\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "base"),
+            str(tmp_path / "adapter"),
+            str(tmp_path / "r"),
+            USER_TURNS[-1],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **_env()},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected[-1]
+    for name, state in memory_of(uninterrupted, "s").items():
+        assert torch.equal(DeltaMemory.from_bytes(DirectoryStore(tmp_path / "r").load("s").memory).states[name], state)
+    uninterrupted.close()
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}
+
+
+@pytest.mark.parametrize(
+    ("session", "messages", "params", "error"),
+    [
+        ("../etc", [{"role": "user", "content": "hi"}], PARAMS, InvalidSessionId),
+        ("a/b", [{"role": "user", "content": "hi"}], PARAMS, InvalidSessionId),
+        ("s", [], PARAMS, ValueError),
+        ("s", [{"role": "assistant", "content": "hi"}], PARAMS, ValueError),
+        ("s", [{"role": "user", "content": "x" * 101}], PARAMS, RequestTooLarge),
+        ("s", [{"role": "user", "content": "hi"}] * 5, PARAMS, RequestTooLarge),
+        ("s", [{"role": "user", "content": "hi"}], GenerationParams(max_new_tokens=99), RequestTooLarge),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(model, tokenizer, tmp_path, session, messages, params, error):
+    engine = engine_for(model, tokenizer, tmp_path, limits=Limits(max_messages=4, max_chars=100, max_new_tokens=8))
+    with pytest.raises(error):
+        engine.submit(session, messages, params)
+    assert engine._worker is None  # nothing was queued
+    engine.close()
+
+
+# ---------------------------------------------------------------------------------------------- stores
+
+
+def test_directory_store_round_trip_and_atomic_replace(tmp_path):
+    store = DirectoryStore(tmp_path)
+    assert store.load("s") is None and store.list() == []
+    store.save("s", SessionRecord(messages=[{"role": "user", "content": "a"}], processed=0, memory=b"one"))
+    store.save("s", SessionRecord(messages=[{"role": "user", "content": "b"}], processed=1, memory=b"two"))
+    record = store.load("s")
+    assert (record.messages[0]["content"], record.processed, record.memory) == ("b", 1, b"two")
+    assert len(list((tmp_path / "s").glob("memory-*.safetensors"))) == 1  # the old memory file is gone
+    assert store.list() == ["s"] and store.delete("s") and store.load("s") is None and not store.delete("s")
+
+
+def test_a_session_lock_excludes_a_second_holder(tmp_path):
+    store = DirectoryStore(tmp_path)
+    with store.lock("s"):
+        errors = []
+        thread = threading.Thread(target=lambda: _try_lock(store, errors))
+        thread.start()
+        thread.join()
+    assert errors and isinstance(errors[0], SessionBusy)
+    with store.lock("s", timeout=0.1):  # released
+        pass
+
+
+def _try_lock(store, errors):
+    try:
+        with store.lock("s", timeout=0.2):
+            pass
+    except SessionBusy as error:
+        errors.append(error)
+
+
+@pytest.mark.parametrize("bad", ["", "..", "../x", "a/b", "a\\b", ".hidden", "x" * 129, None, 5])
+def test_invalid_session_ids_are_refused(tmp_path, bad):
+    with pytest.raises(InvalidSessionId):
+        DirectoryStore(tmp_path).load(bad)
+
+
+def test_chat_cli_reads_turns_from_a_file(tmp_path):
+    turns = tmp_path / "turns.txt"
+    turns.write_text("alice likes teal .\n/stats\nbob likes ?\n/reset\n/stats\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "peft_deltamem.cli", "chat", "--input", str(turns), "--sessions", str(tmp_path / "s")]
+        + ["--window", "1", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("assistant: ") for line in lines) == 2
+    stats = [json.loads(line) for line in lines if line.startswith("{")]
+    assert stats[0]["messages"] == 2 and stats[0]["turns"] == 1
+    assert stats[1]["messages"] == 0  # after /reset
+    assert "(session reset" in done.stdout
+    assert NOISE and VALUES  # the turns above use the embedded model's vocabulary
+
+
+_ = Path

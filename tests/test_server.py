@@ -1,0 +1,253 @@
+"""`peft-deltamem serve` end to end on localhost: the official `openai` client, streaming, sessions, errors,
+a kill -9 and restart that loses no completed turn, and two server processes sharing sessions through Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from openai import BadRequestError, OpenAI
+from peft import get_peft_model
+
+from conftest import skip_or_fail_in_ci
+from peft_deltamem import DeltaMemConfig
+from peft_deltamem.agents.engine import ChatEngine, GenerationParams
+from peft_deltamem.agents.session import SessionPolicy
+from peft_deltamem.agents.store import DirectoryStore, RedisStore
+from peft_deltamem.recall_task import build_tokenizer
+from peft_deltamem.tiny_models import tiny_model
+
+TURNS = ["alice likes teal .", "we talked about trains", "bob likes gold .", "then music and lunch", "alice likes ?"]
+MAX_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny model with a δ-mem adapter whose Δ heads are non-zero (the memory changes replies), on disk."""
+    root = tmp_path_factory.mktemp("served")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    base = tiny_model("llama", vocab_size=len(tokenizer))
+    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    model.save_pretrained(root / "adapter")
+    model.get_base_model().save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    return root, model, tokenizer
+
+
+def expected_replies(saved_model, tmp_path, turns=TURNS) -> list[str]:
+    _, model, tokenizer = saved_model
+    engine = ChatEngine(model, tokenizer, DirectoryStore(tmp_path / "reference"), SessionPolicy(window=2))
+    try:
+        params = GenerationParams(max_new_tokens=MAX_TOKENS)
+        return [engine.chat("s", [{"role": "user", "content": t}], params).reply for t in turns]
+    finally:
+        engine.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(saved_model, *store_args: str) -> tuple[subprocess.Popen, str]:
+    root = saved_model[0]
+    port = free_port()
+    command = [sys.executable, "-m", "peft_deltamem.cli", "serve", "--model", str(root / "base")]
+    command += ["--adapter", str(root / "adapter"), "--window", "2", "--max-new-tokens", str(MAX_TOKENS)]
+    command += ["--port", str(port), *store_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not start within 180 s")
+
+
+def stop(process: subprocess.Popen, kill: bool = False) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def client(url: str) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(openai: OpenAI, session: str, text: str, stream: bool = False) -> str:
+    kwargs = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS}
+    headers = {"X-Session-Id": session}
+    if not stream:
+        return openai.chat.completions.create(**kwargs, extra_headers=headers).choices[0].message.content
+    chunks = openai.chat.completions.create(**kwargs, extra_headers=headers, stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+@pytest.fixture(scope="module")
+def server(saved_model, tmp_path_factory):
+    process, url = start_server(saved_model, "--sessions", str(tmp_path_factory.mktemp("sessions")))
+    yield url
+    stop(process)
+
+
+def test_openai_client_plain_and_streaming_give_the_engines_replies(server, saved_model, tmp_path):
+    expected = expected_replies(saved_model, tmp_path)
+    openai = client(server)
+    assert [ask(openai, "plain", t) for t in TURNS] == expected
+    assert [ask(openai, "streamed", t, stream=True) for t in TURNS] == expected
+    models = openai.models.list().data
+    assert len(models) == 1 and models[0].owned_by == "peft-deltamem"
+    stats = httpx.get(f"{server}/v1/sessions/plain").json()
+    assert stats["turns"] == len(TURNS) and stats["messages"] == 2 * len(TURNS) and stats["state_norm"] > 0
+
+
+def test_the_user_field_names_the_session_and_a_full_history_request_adds_only_new_messages(server):
+    openai = client(server)
+    first = openai.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": TURNS[0]}], max_tokens=MAX_TOKENS, user="by-user"
+    )
+    history = [
+        {"role": "user", "content": TURNS[0]},
+        {"role": "assistant", "content": first.choices[0].message.content},
+    ]
+    openai.chat.completions.create(
+        model="m", messages=[*history, {"role": "user", "content": TURNS[1]}], max_tokens=MAX_TOKENS, user="by-user"
+    )
+    assert httpx.get(f"{server}/v1/sessions/by-user").json()["messages"] == 4
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "phrase"),
+    [
+        ({}, {"messages": [{"role": "user", "content": "hi"}]}, 400, "name the session"),
+        ({"X-Session-Id": "../etc"}, {"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid session id"),
+        ({"X-Session-Id": "s"}, {"messages": []}, 400, "non-empty list"),
+        ({"X-Session-Id": "s"}, {"messages": [{"role": "user", "content": "x" * 40_000}]}, 413, "the limit is"),
+        ({"X-Session-Id": "s"}, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 413, "max_new"),
+    ],
+)
+def test_bad_requests_get_clear_4xx_errors(server, headers, body, status, phrase):
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    assert phrase in response.json()["error"]["message"]
+
+
+def test_oversized_body_and_unknown_sessions(server):
+    response = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{" + b" " * 2_000_000 + b"}", headers={"X-Session-Id": "s"}
+    )
+    assert response.status_code == 413
+    assert httpx.get(f"{server}/v1/sessions/nobody").status_code == 404
+    assert httpx.delete(f"{server}/v1/sessions/nobody").status_code == 404
+    with pytest.raises(BadRequestError, match="invalid session id"):
+        ask(client(server), "a b", "hi")
+
+
+def test_reset_and_delete(server):
+    openai = client(server)
+    ask(openai, "gone", TURNS[0])
+    assert httpx.post(f"{server}/v1/sessions/gone/reset").json()["reset"] is True
+    assert httpx.get(f"{server}/v1/sessions/gone").json()["messages"] == 0
+    assert httpx.delete(f"{server}/v1/sessions/gone").json()["deleted"] is True
+    assert httpx.get(f"{server}/v1/sessions/gone").status_code == 404
+
+
+def test_kill_and_restart_loses_no_completed_turn(saved_model, tmp_path):
+    expected = expected_replies(saved_model, tmp_path)
+    sessions = ["--sessions", str(tmp_path / "sessions")]
+    process, url = start_server(saved_model, *sessions)
+    try:
+        got = [ask(client(url), "s", t) for t in TURNS[:3]]
+    finally:
+        stop(process, kill=True)  # SIGKILL: no shutdown handler runs
+    process, url = start_server(saved_model, *sessions)
+    try:
+        got += [ask(client(url), "s", t) for t in TURNS[3:]]
+    finally:
+        stop(process)
+    assert got == expected
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        skip_or_fail_in_ci("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client_ = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client_.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_redis_store_passes_the_store_contract(redis_url):
+    import redis
+
+    from peft_deltamem.agents.store import SessionBusy, SessionRecord
+
+    store = RedisStore(redis.Redis.from_url(redis_url))
+    assert store.load("s") is None
+    store.save("s", SessionRecord(messages=[{"role": "user", "content": "a"}], processed=0, memory=b"one"))
+    store.save("s", SessionRecord(messages=[{"role": "user", "content": "b"}], processed=1, memory=None))
+    record = store.load("s")
+    assert (record.messages[0]["content"], record.processed, record.memory) == ("b", 1, None)
+    assert store.list() == ["s"]
+    with store.lock("s"):
+        with pytest.raises(SessionBusy):
+            with RedisStore(redis.Redis.from_url(redis_url)).lock("s", timeout=0.2):
+                pass
+    assert store.delete("s") and store.load("s") is None and store.list() == []
+
+
+def test_two_server_processes_share_a_session_through_redis(saved_model, redis_url, tmp_path):
+    expected = expected_replies(saved_model, tmp_path)
+    first, url_a = start_server(saved_model, "--redis", redis_url)
+    second, url_b = start_server(saved_model, "--redis", redis_url)
+    try:
+        clients = [client(url_a), client(url_b)]
+        got = [ask(clients[i % 2], "shared", t) for i, t in enumerate(TURNS)]  # turns alternate between processes
+    finally:
+        stop(first), stop(second)
+    assert got == expected
