@@ -11,16 +11,16 @@ from .layer import DeltaMemLayer
 from .model import DeltaMemModel
 from .peft_type import DeltaMemPeftType
 from .registration import register
-from .state import MemoryState
+from .state import DeltaMemory
 
 register()
 
 __all__ = [
+    "DeltaMemory",
     "DeltaMemConfig",
     "DeltaMemLayer",
     "DeltaMemModel",
     "DeltaMemPeftType",
-    "MemoryState",
     "push_to_hub",
     "register",
 ]
