@@ -182,23 +182,21 @@ class DeltaMemModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
-        """Entered by ``PeftModel.forward`` and ``PeftModel.generate``: refuse mixed-adapter batches."""
+        """Entered by ``PeftModel.forward`` and ``PeftModel.generate`` around the whole call.
+
+        Refuses mixed-adapter batches; serialises calls that share one memory object (its lock); runs
+        checkpointed layers non-reentrantly during an episode (``memory_input_ids``).
+        """
         if kwargs.get("adapter_names") is not None:
             raise ValueError(
                 "δ-mem does not support mixed-adapter batches (adapter_names=...): a memory holds one adapter's "
                 "states. Use set_adapter() and run one adapter per call."
             )
-        yield
-
-    # ---------------------------------------------------------------------------------------- calls
-
-    def forward(self, *args, **kwargs):
-        """Run the model; calls that share one memory object are serialised by its lock."""
         memory = kwargs.get(MEMORY_KWARG)
         lock = memory._lock if isinstance(memory, DeltaMemory) else contextlib.nullcontext()
         episode = kwargs.get("memory_input_ids") is not None
         with lock, self._checkpointing_without_reentrant() if episode else contextlib.nullcontext():
-            return self.model(*args, **kwargs)
+            yield
 
     # ---------------------------------------------------------------------------------------- memory
 
