@@ -33,6 +33,18 @@ def _after_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kw
     return runtime.end_call(module, kwargs, output)
 
 
+def _new_memory(runtime: MemoryRuntime, batch_size: int, adapter_name: str | None = None) -> DeltaMemory:
+    """An empty float32 memory with ``batch_size`` rows for ``adapter_name`` (default: the active adapter)."""
+    if adapter_name is None:
+        active = runtime.active_adapters()
+        if not active:
+            raise ValueError("No δ-mem adapter is active; pass adapter_name=.")
+        adapter_name = active[0]
+    if adapter_name not in runtime.configs:
+        raise ValueError(f"Unknown adapter {adapter_name!r}; loaded adapters: {sorted(runtime.configs)}.")
+    return runtime.new_memory(batch_size, adapter_name)
+
+
 class DeltaMemModel(BaseTuner):
     """Creates δ-mem layers in a pretrained transformers model (use through ``get_peft_model``).
 
@@ -83,6 +95,8 @@ class DeltaMemModel(BaseTuner):
         if hasattr(model, "generate") and not isinstance(model.__dict__.get("generate"), functools.partial):
             # generate() takes memory=, carried from step to step (PeftModel.generate ends up here too)
             model.generate = functools.partial(generate_with_memory, self.memory_runtime, model)
+        # the adapted transformers model (e.g. after transformers' load_adapter) creates memories too
+        model.new_memory = functools.partial(_new_memory, self.memory_runtime)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["delta-mem", "peft-deltamem"])
 
@@ -139,6 +153,7 @@ class DeltaMemModel(BaseTuner):
         generate = model.__dict__.get("generate")
         if isinstance(generate, functools.partial) and generate.func is generate_with_memory:
             del model.generate
+        model.__dict__.pop("new_memory", None)
         return model
 
     @classmethod
