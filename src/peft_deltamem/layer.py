@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.layout = layout
         self.runtime = runtime
         self.layer_name = name
-        self._corrections: dict[str, torch.Tensor] | None = None
+        # thread id -> the corrections of the call running in that thread (threads may share one model)
+        self._corrections: dict[int, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         runtime.layers[name] = self
@@ -184,14 +186,19 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         for adapter in adapters:
             for slot, value in self._corrections_for(adapter, hidden, record).items():
                 corrections[slot] = corrections[slot] + value if slot in corrections else value
-        self._corrections = corrections
+        thread = threading.get_ident()
+        outer = self._corrections.get(thread)
+        self._corrections[thread] = corrections
         try:
             return self.base_layer(*args, **kwargs)
         finally:
-            self._corrections = None
+            if outer is None:
+                self._corrections.pop(thread, None)
+            else:
+                self._corrections[thread] = outer
 
     def _add_correction(self, slot: str, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        corrections = self._corrections
+        corrections = self._corrections.get(threading.get_ident())
         if corrections is None or slot not in corrections:
             return output
         return output + corrections[slot].to(output.dtype)
