@@ -283,9 +283,12 @@ def all_finite(tensors) -> bool:
     tensors = list(tensors)
     if not tensors:
         return True
-    device = tensors[0].device
-    flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors])
-    return bool(flags.all())
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.reshape(-1))
+    first = tensors[0].device
+    flags = [torch.isfinite(torch.cat(group)).all().to(first) for group in by_device.values()]
+    return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
 
 
 def row_index(rows, batch: int, what: str) -> torch.Tensor:
