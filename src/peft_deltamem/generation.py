@@ -97,7 +97,7 @@ class Generation:
         self.expand: int | None = None
         self.working: dict | None = None
         self.prompt_states: dict | None = None
-        self.last: tuple | None = None  # (input states, step states, number of tokens) of the last cached call
+        self.last: tuple | None = None  # (input states, per-token states, whether it wrote) of the last call
         self.caches: list = []  # (cache, original class)
 
     # ------------------------------------------------------------------------------------ step calls

@@ -266,8 +266,7 @@ class MemoryRuntime:
                     "DeltaMemory of the earlier calls> (model.new_memory(batch_size) before the first call), or "
                     "use the PEFT model's generate()."
                 )
-        record.previous = self.current_record()
-        self._local.record = record
+        self._local.record = record  # a top-level call: a record left by a call that raised is dropped here
         kwargs[CALL_KWARG] = record
         return record
 
