@@ -168,13 +168,14 @@ def peak_worker(kind: str, length: int) -> None:
     prompt = torch.randint(0, 1000, (1, length))
     both = peak_extra_mib(decode_steps(model, prompt, 4, "cpu"), "cpu")
     cache = DynamicCache(config=model.config)
+    memory = memory_kwargs(model, 1)
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **memory)
         token = prompt[:, -1:]
 
         def decode() -> None:
             for _ in range(16):
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                model(input_ids=token, past_key_values=cache, use_cache=True, **memory)
 
         decode_only = peak_extra_mib(decode, "cpu")
     print(json.dumps({"prefill_and_decode": both, "decode_only": decode_only}))
@@ -183,11 +184,15 @@ def peak_worker(kind: str, length: int) -> None:
 # ------------------------------------------------------------------------------------------ workloads
 
 
+def memory_kwargs(model, batch_size: int) -> dict:
+    """``{"memory": <a new empty memory>}`` for a δ-mem model, ``{}`` for the frozen one."""
+    return {"memory": model.new_memory(batch_size=batch_size)} if hasattr(model, "new_memory") else {}
+
+
 def prefill(model, ids):
     def run():
-        model.reset_memory() if hasattr(model, "reset_memory") else None
         with torch.no_grad():
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **memory_kwargs(model, ids.shape[0]))
 
     return run
 
@@ -196,14 +201,15 @@ def decode_steps(model, prompt, steps: int, device: str):
     """Prefill (untimed), then time each single-token step; returns the median step time."""
 
     def run() -> float:
-        model.reset_memory() if hasattr(model, "reset_memory") else None
+        memory = memory_kwargs(model, prompt.shape[0])
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **memory)
             token = out.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(steps):
-                times.append(timed(lambda: model(input_ids=token, past_key_values=cache, use_cache=True), device))
+                step = lambda: model(input_ids=token, past_key_values=cache, use_cache=True, **memory)  # noqa: E731
+                times.append(timed(step, device))
         return statistics.median(times)
 
     return run

@@ -53,7 +53,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from peft_deltamem import DeltaMemConfig, DeltaMemLayer  # noqa: E402
+from peft_deltamem import DeltaMemConfig  # noqa: E402
 from peft_deltamem.recall_task import VALUES, build_tokenizer, evaluate, recall_chats, train_steps  # noqa: E402
 from peft_deltamem.tiny_models import tiny_model  # noqa: E402
 from peft_deltamem.training import (  # noqa: E402
@@ -313,28 +313,26 @@ def adapter_digest(model) -> tuple[dict[str, torch.Tensor], str]:
     return state, digest.hexdigest()
 
 
-def memory_buffers(model) -> list[str]:
+def memory_buffers(model, memory) -> list[str]:
     """Names of buffers that hold a δ-mem memory state (must be none: DDP would broadcast them)."""
-    pointers = {
-        s.data_ptr()
-        for layer in model.modules()
-        if isinstance(layer, DeltaMemLayer)
-        for s in layer.memory.values()
-        if s is not None
-    }
+    pointers = {s.data_ptr() for s in memory._states.values()}
     return [n for n, b in model.named_buffers() if b.data_ptr() in pointers or "delta_mem" in n]
 
 
 def dump_rank_weights(directory: str, trainer: Trainer, initial: str, fingerprint: FirstBatchFingerprint) -> None:
     model, args = trainer.model, trainer.args
     state, digest = adapter_digest(model)
-    batch = DeltaMemDataCollator(pad_token_id=0)(  # an eval episode keeps its memory: is it in any buffer?
+    batch = DeltaMemDataCollator(pad_token_id=0)(  # a memory written in eval: does any buffer hold it?
         [{"memory_input_ids": [3, 4, 5], "memory_segment_ids": [0, 0, 0], "input_ids": [3, 4], "labels": [-100, 4]}]
     )
-    batch.pop("ablation_mode")
     model.eval()
+    memory = model.new_memory(batch_size=1)
     with torch.no_grad():
-        model(**{k: v.to(args.device) for k, v in batch.items()})
+        model(
+            input_ids=batch["memory_input_ids"].to(args.device),
+            memory_segment_ids=batch["memory_segment_ids"].to(args.device),
+            memory=memory,
+        )
     report = {
         "rank": args.process_index,
         "world_size": args.world_size,
@@ -346,15 +344,9 @@ def dump_rank_weights(directory: str, trainer: Trainer, initial: str, fingerprin
         "initial_adapter_sha256": initial,
         "first_batch_sha256": fingerprint.digest,
         "buffer_names": [n for n, _ in model.named_buffers()],
-        "memory_buffers": memory_buffers(model),
-        "memory_kept_after_eval_episode": any(
-            s is not None
-            for layer in model.modules()
-            if isinstance(layer, DeltaMemLayer)
-            for s in layer.memory.values()
-        ),
+        "memory_buffers": memory_buffers(model, memory),
+        "memory_written": not memory.is_empty,
     }
-    model.reset_memory()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, out / f"rank{args.process_index}.safetensors")

@@ -200,10 +200,11 @@ def test_converted_adapter_matches_method_md_in_float64(case, tmp_path):
 
     segment = config["memory_write_granularity"] == "segment"
     worst, change = 0.0, 0.0
+    memory = model.new_memory(batch_size=CALLS[0].shape[0])
     for ids, segment_ids in zip(CALLS, SEGMENTS):  # the second call reads what the first wrote
         kwargs = {"memory_segment_ids": segment_ids} if segment else {}
         with torch.no_grad():
-            got = model(ids, **kwargs).logits.double()
+            got = model(ids, memory=memory, **kwargs).logits.double()
             base_logits = plain(ids).logits.double()
         expected = oracle(ids, segment_ids if segment else None)
         worst = max(worst, (got - expected).abs().max().item())
@@ -415,18 +416,19 @@ def _segment_runs(segment_read: str, split: bool) -> tuple[torch.Tensor, dict]:
     ids = random_ids(1, 12, seed=3)
     segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]])
     bounds = [(0, 4), (4, 7), (7, 12)] if split else [(0, 12)]
-    cache, pieces = DynamicCache(config=model.config), []
+    cache, pieces, memory = DynamicCache(config=model.config), [], model.new_memory(batch_size=1)
     with torch.no_grad():
         for start, end in bounds:
             out = model(
                 ids[:, start:end],
+                memory=memory,
                 attention_mask=torch.ones(1, end, dtype=torch.long),
                 memory_segment_ids=segments[:, start:end],
                 past_key_values=cache,
                 use_cache=True,
             )
             pieces.append(out.logits)
-    return torch.cat(pieces, dim=1), model.get_memory_state().states
+    return torch.cat(pieces, dim=1), memory.states
 
 
 def test_default_segment_reads_do_not_depend_on_how_the_history_is_split_into_calls():

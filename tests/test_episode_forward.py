@@ -30,10 +30,15 @@ def test_episode_forward_equals_manual_write_then_read():
     batch = episode_batch()
     with torch.no_grad():
         episode = model(**batch)
-        model.reset_memory()
-        model(input_ids=batch["memory_input_ids"], attention_mask=batch["memory_attention_mask"])
-        with model.memory_writes(False):
-            manual = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        mem = model.new_memory(2)
+        model(input_ids=batch["memory_input_ids"], attention_mask=batch["memory_attention_mask"], memory=mem)
+        manual = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            memory=mem,
+            memory_writes=False,
+        )
     torch.testing.assert_close(episode.logits, manual.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(episode.loss, manual.loss, atol=1e-6, rtol=0)
 
@@ -43,7 +48,7 @@ def test_episode_starts_from_empty_memory_in_eval_and_train():
     batch = episode_batch()
     with torch.no_grad():
         first = model(**batch).logits
-        model(input_ids=random_ids(2, 9, seed=7))  # unrelated memory written between episodes
+        model(input_ids=random_ids(2, 9, seed=7), memory=model.new_memory(2))  # unrelated memory written between
         second = model(**batch).logits
     torch.testing.assert_close(first, second, atol=1e-6, rtol=0)
 
@@ -53,7 +58,6 @@ def test_memory_reaches_the_visible_stream():
     batch = episode_batch()
     with torch.no_grad():
         with_memory = model(**batch).logits
-        model.reset_memory()
         without = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (with_memory - without).abs().max() > 1e-4
 
@@ -105,3 +109,31 @@ def test_write_sparsity_penalty_is_weighed_by_the_micro_batch_share_of_label_tok
     expected = 10.0 * (torch.sigmoid(torch.tensor(-1.5)).item() - 0.05) ** 2
     assert penalties[label_tokens] == pytest.approx(expected, rel=1e-3)
     assert penalties[4 * label_tokens] == pytest.approx(expected / 4, rel=1e-3)
+
+
+def test_episode_and_memory_together_are_refused():
+    model = make_peft()
+    with pytest.raises(ValueError, match="either memory= .* or memory_input_ids="):
+        model(**episode_batch(), memory=model.new_memory(2))
+
+
+def test_generate_with_a_memory_stream_reads_it_without_writing():
+    model = make_peft()
+    model.generation_config.eos_token_id = None
+    batch = episode_batch()
+    stream = dict(input_ids=batch["memory_input_ids"], attention_mask=batch["memory_attention_mask"])
+    prompt = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        episode = model.generate(
+            **prompt,
+            memory_input_ids=stream["input_ids"],
+            memory_attention_mask=stream["attention_mask"],
+            max_new_tokens=4,
+            do_sample=False,
+        )
+        mem = model.new_memory(2)
+        model(**stream, memory=mem)
+        manual = model.generate(**prompt, memory=mem, memory_writes=False, max_new_tokens=4, do_sample=False)
+        empty = model.generate(**prompt, memory_writes=False, max_new_tokens=4, do_sample=False)
+    assert torch.equal(episode, manual)
+    assert not torch.equal(episode, empty)

@@ -230,12 +230,27 @@ def test_memory_mode_questions_do_not_write(model_dirs):
     tokenizer, model = script.load_model(args, torch.device("cpu"))
     conv = load_locomo(default_locomo_path())[0]
     config = LocomoRunConfig(mode="memory", max_new_tokens=2, limit_questions=2, write_chunk_tokens=4096)
-    episodes, _ = run_conversation(model, tokenizer, conv, config, torch.device("cpu"))
-    after_questions = model.get_memory_state()
-    assert after_questions.states and all(t.abs().sum() > 0 for t in after_questions.states.values())
+    seen = []
+    generate = model.generate
+
+    def spy(*args, memory=None, memory_writes=True, **kwargs):
+        before = memory.states
+        out = generate(*args, memory=memory, memory_writes=memory_writes, **kwargs)
+        seen.append((before, memory.states, memory_writes))
+        return out
+
+    model.generate = spy
+    try:
+        episodes, _ = run_conversation(model, tokenizer, conv, config, torch.device("cpu"))
+    finally:
+        del model.generate
+    assert len(seen) == 2 and all(writes is False for _, _, writes in seen)
 
     history = [{"role": m["role"], "content": m["content"]} for m in episodes[0].memory_messages]
     ids, segments, _ = tokenize_messages(history, tokenizer)
-    write_memory(model, ids, segments, 4096, torch.device("cpu"))
-    for name, tensor in model.get_memory_state().states.items():
-        torch.testing.assert_close(after_questions.states[name], tensor)
+    written, _ = write_memory(model, ids, segments, 4096, torch.device("cpu"))
+    assert not written.is_empty
+    for before, after, _ in seen:  # each question read the written history and left it unchanged
+        for name, tensor in written.states.items():
+            torch.testing.assert_close(before[name], tensor)
+            torch.testing.assert_close(after[name], tensor)

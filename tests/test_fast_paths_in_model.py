@@ -21,16 +21,24 @@ def padded_batch(length: int = 41):
 
 
 def prefill_and_decode(model, ids, mask, steps: int = 4, **kwargs):
-    model.reset_memory()
+    memory = model.new_memory(ids.shape[0])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = [model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs).logits]
+        out = [
+            model(
+                input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, memory=memory, **kwargs
+            ).logits
+        ]
         token = out[0][:, -1:].argmax(-1)
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
-            out.append(model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits)
+            out.append(
+                model(
+                    input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, memory=memory
+                ).logits
+            )
             token = out[-1][:, -1:].argmax(-1)
-    states = model.get_memory_state().states
+    states = memory.states
     return torch.cat(out, 1), states
 
 
@@ -55,10 +63,10 @@ def test_segment_writes_match_naive(impl):
     segments = torch.arange(37).div(5, rounding_mode="floor").expand(2, -1)
 
     def run():
-        model.reset_memory()
+        memory = model.new_memory(2)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, memory_segment_ids=segments).logits
-        return logits, model.get_memory_state().states
+            logits = model(input_ids=ids, attention_mask=mask, memory_segment_ids=segments, memory=memory).logits
+        return logits, memory.states
 
     with use_impl("naive"):
         expected_logits, expected_states = run()

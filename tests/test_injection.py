@@ -132,10 +132,11 @@ def test_zero_init_is_an_exact_noop(family, heads):
     ids = random_ids(2, 12)
     reference = logits(base, ids)
     model = get_peft_model(base, DeltaMemConfig(init_weights=True, delta_heads=heads)).eval()
-    assert torch.equal(logits(model, ids), reference)
+    memory = model.new_memory(2)
+    assert torch.equal(logits(model, ids, memory=memory), reference)
     # the memory really was written (the layers ran), the heads are just zero
-    state = model.get_memory_state()
-    assert state.states and all(t.abs().sum() > 0 for t in state.states.values())
+    states = memory.states
+    assert states and all(t.abs().sum() > 0 for t in states.values())
 
 
 @pytest.mark.parametrize("heads", HEAD_SETS, ids="".join)
@@ -149,8 +150,7 @@ def test_random_heads_change_outputs_and_disable_restores_base(family, heads):
     assert not torch.allclose(adapted, reference, atol=1e-6)
     with model.disable_adapter():
         assert torch.equal(logits(model, ids), reference)
-    model.reset_memory()
-    assert torch.equal(logits(model, ids), adapted)  # re-enabled, same fresh memory, same outputs
+    assert torch.equal(logits(model, ids), adapted)  # re-enabled, stateless: the same outputs
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -163,18 +163,17 @@ def test_left_padded_batch_matches_unpadded_rows(family):
     ids[1, :pad] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-    model.reset_memory()
-    batch_logits = logits(model, ids, mask, position_ids=positions)
-    batch_state = model.get_memory_state()
+    batch_memory = model.new_memory(2)
+    batch_logits = logits(model, ids, mask, position_ids=positions, memory=batch_memory)
+    batch_state = batch_memory.states
     assert torch.isfinite(batch_logits).all()
 
     for row, start in ((0, 0), (1, pad)):
-        model.reset_memory()
-        alone = logits(model, ids[row : row + 1, start:], position_ids=positions[row : row + 1, start:])
+        memory = model.new_memory(1)
+        alone = logits(model, ids[row : row + 1, start:], position_ids=positions[row : row + 1, start:], memory=memory)
         torch.testing.assert_close(batch_logits[row : row + 1, start:], alone, atol=2e-5, rtol=1e-4)
-        alone_state = model.get_memory_state()
-        for name, tensor in alone_state.states.items():
-            torch.testing.assert_close(batch_state.states[name][row : row + 1], tensor, atol=2e-5, rtol=1e-4)
+        for name, tensor in memory.states.items():
+            torch.testing.assert_close(batch_state[name][row : row + 1], tensor, atol=2e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -225,7 +224,6 @@ def test_qwen3_correction_is_added_to_the_projection_output_before_the_qk_norms(
         inner.q_norm.register_forward_pre_hook(lambda m, i: captured.update(q_norm_in=i[0].detach())),
         inner.k_norm.register_forward_pre_hook(lambda m, i: captured.update(k_norm_in=i[0].detach())),
     ]
-    model.reset_memory()
     logits(model, random_ids(1, 7, seed=3))
     for handle in handles:
         handle.remove()
@@ -525,7 +523,6 @@ def test_merging_is_refused(method):
         getattr(model, method)()
     # nothing was touched
     assert isinstance(decoder_layers(model)[0].self_attn, DeltaMemLayer)
-    model.reset_memory()
     assert torch.equal(logits(model, ids), before)
 
 
@@ -537,7 +534,6 @@ def test_delete_adapter_with_two_adapters():
     default_out = logits(model, ids)
     model.add_adapter("other", DeltaMemConfig(init_weights=False, delta_heads=("q", "k", "v", "o")))
     model.set_adapter("other")
-    model.reset_memory()
     other_out = logits(model, ids)
     assert not torch.allclose(other_out, default_out, atol=1e-6)
 
@@ -547,13 +543,12 @@ def test_delete_adapter_with_two_adapters():
     for layer in decoder_layers(model):
         attention = layer.self_attn
         assert isinstance(attention, DeltaMemLayer)
-        assert set(attention.settings) == {"other"} and set(attention.memory) == {"other"}
+        assert set(attention.settings) == {"other"} and set(attention.runtime.configs) == {"other"}
         assert set(attention.delta_mem_write) == {"other"}
         # one correction hook per projection, not one per adapter ever added
         projections = [getattr(attention.base_layer, n) for n in attention.layout.projections.values()]
         assert all(len(p._forward_hooks) == 1 for p in projections)
     assert not any(".default" in n for n, _ in model.named_parameters())
-    model.reset_memory()
     assert torch.equal(logits(model, ids), other_out)
     with model.disable_adapter():
         assert torch.equal(logits(model, ids), reference)
@@ -563,7 +558,6 @@ def test_deepcopy_hooks_act_on_the_copy():
     model = make_peft()
     ids = random_ids(2, 8)
     original = logits(model, ids)
-    model.reset_memory()
     clone = copy.deepcopy(model)
 
     clone_attention = decoder_layers(clone)[0].self_attn
@@ -578,15 +572,14 @@ def test_deepcopy_hooks_act_on_the_copy():
         for name, param in clone.named_parameters():
             if "delta_mem_out" in name:
                 param.mul_(5.0)
-    clone.reset_memory()
     changed = logits(clone, ids)
     assert not torch.allclose(changed, original, atol=1e-6)
-    model.reset_memory()
     assert torch.equal(logits(model, ids), original)
-    # the copy's memory is its own
-    assert model.get_memory_state().states.keys() == clone.get_memory_state().states.keys()
-    for name, tensor in model.get_memory_state().states.items():
-        assert tensor.data_ptr() != clone.get_memory_state().states[name].data_ptr()
+    # the copy creates memories of its own (generate and new_memory are bound to the copy)
+    memory = clone.new_memory(2)
+    assert torch.equal(logits(clone, ids, memory=memory), changed)
+    assert memory.weights_hash != model.new_memory(2).weights_hash
+    assert clone.base_model.model.generate.args[1] is clone.base_model.model
 
 
 # ----------------------------------------------------------------------------------------- bitsandbytes
@@ -621,9 +614,8 @@ def test_bitsandbytes_backbone_trains_the_adapter(bits, tmp_path):
 
     model = make_peft(base, delta_heads=("q", "k", "v", "o"))
     model.train()
-    with model.memory_episode():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     assert torch.isfinite(loss)
     adapter = {n: p for n, p in model.named_parameters() if "delta_mem_" in n}
     assert adapter and all(p.requires_grad for p in adapter.values())

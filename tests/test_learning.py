@@ -60,9 +60,7 @@ def held_out(model, tokenizer, seed: int) -> dict[str, tuple[float, float]]:
     out = model(**shuffled)
     results["other_memory"] = (answer_accuracy(out.logits, answers), out.loss.item())
     visible = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    model.reset_memory()
-    with model.memory_writes(False):
-        out = model(**visible)
+    out = model(**visible, memory_writes=False)
     results["empty_memory"] = (answer_accuracy(out.logits, answers), out.loss.item())
     return results
 

@@ -1,8 +1,7 @@
-"""Save / load of δ-mem adapters (peft, transformers, offline Hub cache, push_to_hub) and of MemoryState files."""
+"""Save / load of δ-mem adapters (peft, transformers, offline Hub cache, push_to_hub) and of DeltaMemory files."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from conftest import make_peft, populate_hub_cache, random_ids
-from peft_deltamem import DeltaMemConfig, MemoryState, push_to_hub
+from peft_deltamem import DeltaMemConfig, DeltaMemory, push_to_hub
 from peft_deltamem.tiny_models import tiny_model
 
 BASE_ID = "tiny-org/tiny-llama"
@@ -55,11 +54,10 @@ IDS_2 = random_ids(2, 7, seed=2)
 
 def two_calls(model) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of two calls from an empty memory; the second reads what the first wrote."""
-    model.reset_memory()
+    memory = model.new_memory(IDS_1.shape[0])
     with torch.no_grad():
-        first = model(IDS_1).logits
-        second = model(IDS_2).logits
-    model.reset_memory()
+        first = model(IDS_1, memory=memory).logits
+        second = model(IDS_2, memory=memory).logits
     return first, second
 
 
@@ -105,9 +103,10 @@ def test_save_pretrained_writes_config_and_safetensors(saved):
 
 def test_save_pretrained_saves_only_the_adapter_parameters_not_the_memory(tmp_path):
     model = trained_adapter()
+    memory = model.new_memory(2)
     with torch.no_grad():
-        model(IDS_1)
-    assert not model.get_memory_state().is_empty
+        model(IDS_1, memory=memory)
+    assert not memory.is_empty
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     expected = {
@@ -143,7 +142,7 @@ def test_in_process_reload_gives_identical_logits(saved):
     assert not loaded.training
     assert type(loaded.peft_config["default"]) is DeltaMemConfig
     assert_same_logits(loaded, expected)
-    assert_same_logits(model, expected)  # the original after reset_memory, again
+    assert_same_logits(model, expected)  # the original, again
 
 
 def test_reload_restores_every_adapter_tensor(saved):
@@ -193,9 +192,10 @@ def test_fresh_process_load_gives_bit_identical_logits(saved, tmp_path):
         adapter, ids_path, out_path = sys.argv[1:4]
         ids_1, ids_2 = torch.load(ids_path)
         model = PeftModel.from_pretrained(tiny_model("llama"), adapter)
+        memory = model.new_memory(ids_1.shape[0])
         with torch.no_grad():
-            first = model(ids_1).logits
-            second = model(ids_2).logits
+            first = model(ids_1, memory=memory).logits
+            second = model(ids_2, memory=memory).logits
         torch.save((first, second), out_path)
         """
     )
@@ -242,32 +242,31 @@ def test_second_adapter_has_its_own_memory(tmp_path):
     assert type(model.peft_config["other"]) is DeltaMemConfig
     assert model.active_adapters == ["default"]
 
+    with pytest.raises(ValueError, match="Unknown adapter 'missing'"):
+        model.new_memory(2, adapter_name="missing")
+    mem_a = model.new_memory(2)
     with torch.no_grad():
-        first_a = model(IDS_1).logits
+        first_a = model(IDS_1, memory=mem_a).logits
     assert torch.equal(first_a, reference_a[0])
-    state_a = model.get_memory_state()
-    assert state_a.adapter_name == "default" and not state_a.is_empty
+    assert mem_a.adapter_name == "default" and not mem_a.is_empty
+    state_a = mem_a.states
 
     model.set_adapter("other")
-    assert model.get_memory_state().is_empty  # B has not read anything yet
+    with pytest.raises(ValueError, match="belongs to adapter 'default'"):
+        model(IDS_2, memory=mem_a)  # A's memory is not read by B
+    mem_b = model.new_memory(2)
+    assert mem_b.adapter_name == "other"
     with torch.no_grad():
-        first_b = model(IDS_1).logits
+        first_b = model(IDS_1, memory=mem_b).logits
     assert not torch.equal(first_b, first_a)  # B's own weights
-    state_b = model.get_memory_state()
-    assert state_b.adapter_name == "other" and not state_b.is_empty
-    assert any(not torch.equal(state_b.states[k], state_a.states[k]) for k in state_a.states)
+    assert any(not torch.equal(mem_b.states[k], state_a[k]) for k in state_a)
 
     model.set_adapter("default")
-    state_a_again = model.get_memory_state()
-    for name, tensor in state_a.states.items():
-        assert torch.equal(state_a_again.states[name], tensor), name
+    for name, tensor in state_a.items():
+        assert torch.equal(mem_a.states[name], tensor), name
     with torch.no_grad():
-        second_a = model(IDS_2).logits
+        second_a = model(IDS_2, memory=mem_a).logits
     assert torch.equal(second_a, reference_a[1])  # A continues exactly as if B had never run
-
-    model.reset_memory(adapter_name="default")
-    assert model.get_memory_state("default").is_empty
-    assert not model.get_memory_state("other").is_empty
 
 
 def test_transformers_load_adapter_on_plain_model(saved):
@@ -277,12 +276,18 @@ def test_transformers_load_adapter_on_plain_model(saved):
         base_logits = model(IDS_1).logits
     model.load_adapter(str(directory))
     assert model.active_adapters() == ["default"]
+    memory = model.new_memory(2)
     with torch.no_grad():
-        first = model(IDS_1).logits
-        second = model(IDS_2).logits
+        first = model(IDS_1, memory=memory).logits
+        second = model(IDS_2, memory=memory).logits
+        stateless = model(IDS_2).logits
+        model.generation_config.eos_token_id = None
+        generated = model.generate(IDS_2, memory=memory.clone(), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert not torch.equal(first, base_logits)
     assert torch.equal(first, expected[0])
-    assert torch.equal(second, expected[1])  # the memory persists across calls in eval mode
+    assert torch.equal(second, expected[1])  # the memory carries across the calls it is passed to
+    assert not torch.equal(stateless, second)
+    assert torch.equal(generated[:, IDS_2.shape[1]], model(IDS_2, memory=memory.clone()).logits[:, -1].argmax(-1))
 
 
 # --------------------------------------------------------------------------------------------- mismatches
@@ -457,160 +462,145 @@ def test_peft_deltamem_push_to_hub_keeps_the_model_card(mocked_hub):
     assert "import peft_deltamem" in mocked_hub["files"]["README.md"].decode()
 
 
-# ------------------------------------------------------------------------------------------- MemoryState
+# ------------------------------------------------------------------------------------------- DeltaMemory
 
 
-def written_model(batch: int = 2, **config_kwargs):
-    model = trained_adapter(**config_kwargs)
-    model.reset_memory()
+def written_memory(batch: int = 2, model=None, **config_kwargs) -> tuple:
+    model = model if model is not None else trained_adapter(**config_kwargs)
+    memory = model.new_memory(batch)
     with torch.no_grad():
-        model(random_ids(batch, 9, seed=1))
-    return model
+        model(random_ids(batch, 9, seed=1), memory=memory)
+    return model, memory
 
 
-def _metadata(state: MemoryState) -> dict:
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "states"}
-
-
-def test_memory_state_save_load_round_trip(tmp_path):
-    model = written_model()
-    state = model.get_memory_state()
-    assert not state.is_empty and state.batch_size == 2
-    assert state.layers == ("model.layers.0.self_attn", "model.layers.1.self_attn")
-    assert state.adapter_name == "default" and state.r == 8 and state.delta_heads == ("q", "o")
-    for tensor in state.states.values():
+def test_memory_save_load_round_trip(tmp_path):
+    _, memory = written_memory()
+    assert not memory.is_empty and memory.batch_size == 2
+    assert memory.layers == ("model.layers.0.self_attn", "model.layers.1.self_attn")
+    assert memory.adapter_name == "default" and memory.r == 8 and memory.delta_heads == ("q", "o")
+    for tensor in memory.states.values():
         assert tensor.shape == (2, 1, 8, 8) and tensor.dtype == torch.float32
         assert tensor.abs().sum() > 0
-    state.save(tmp_path / "memory.safetensors")
-    loaded = MemoryState.load(tmp_path / "memory.safetensors")
-    assert _metadata(loaded) == _metadata(state)
-    assert loaded.states.keys() == state.states.keys()
-    for name, tensor in state.states.items():
+    memory.save(tmp_path / "memory.safetensors")
+    loaded = DeltaMemory.load(tmp_path / "memory.safetensors")
+    assert loaded.descriptor() == memory.descriptor() and loaded.weights_hash == memory.weights_hash
+    for name, tensor in memory.states.items():
         assert torch.equal(loaded.states[name], tensor), name
 
 
-def test_empty_memory_state_round_trip(tmp_path):
+def test_empty_memory_round_trip(tmp_path):
     model = trained_adapter()
     expected = two_calls(model)
-    state = model.get_memory_state()
-    assert state.is_empty and state.batch_size == 0
-    state.save(tmp_path / "empty.safetensors")
-    loaded = MemoryState.load(tmp_path / "empty.safetensors")
-    assert loaded.is_empty and _metadata(loaded) == _metadata(state)
+    memory = model.new_memory(2)
+    assert memory.is_empty and memory.batch_size == 2
+    memory.save(tmp_path / "empty.safetensors")
+    loaded = DeltaMemory.load(tmp_path / "empty.safetensors")
+    assert loaded.is_empty and loaded.descriptor() == memory.descriptor()
     with torch.no_grad():
-        model(IDS_1)  # fill the memory, then restore the empty state
-    model.set_memory_state(loaded)
-    assert model.get_memory_state().is_empty
-    with torch.no_grad():
-        assert torch.equal(model(IDS_1).logits, expected[0])
+        assert torch.equal(model(IDS_1, memory=loaded).logits, expected[0])
 
 
-def test_get_memory_state_is_a_detached_copy():
-    model = written_model()
-    state = model.get_memory_state()
-    before = {k: v.clone() for k, v in state.states.items()}
-    for tensor in state.states.values():
+def test_states_are_a_detached_copy():
+    _, memory = written_memory()
+    states = memory.states
+    before = {k: v.clone() for k, v in states.items()}
+    for tensor in states.values():
         tensor.add_(1.0)
-    after = model.get_memory_state()
     for name, tensor in before.items():
-        assert torch.equal(after.states[name], tensor), name
+        assert torch.equal(memory.states[name], tensor), name
 
 
-def test_set_memory_state_reproduces_next_call_logits(tmp_path, saved):
+def test_loaded_memory_reproduces_next_call_logits(tmp_path, saved):
     directory, _, _ = saved
     model = PeftModel.from_pretrained(tiny_model("llama"), directory)
-    model.reset_memory()
+    memory = model.new_memory(2)
     with torch.no_grad():
-        model(IDS_1)
-        state = model.get_memory_state()
-        expected = model(IDS_2).logits
-        state.save(tmp_path / "memory.safetensors")
-
-        model.reset_memory()
-        fresh = model(IDS_2).logits
-        assert not torch.equal(fresh, expected)  # the memory matters
-
-        model.reset_memory()
-        model.set_memory_state(state)
-        assert torch.equal(model(IDS_2).logits, expected)
-
+        model(IDS_1, memory=memory)
+        memory.save(tmp_path / "memory.safetensors")
+        expected = model(IDS_2, memory=memory.clone()).logits
+        assert not torch.equal(model(IDS_2).logits, expected)  # the memory matters
         # from the file, into another instance of the same adapter
         other = PeftModel.from_pretrained(tiny_model("llama"), directory)
-        other.set_memory_state(MemoryState.load(tmp_path / "memory.safetensors"))
-        assert torch.equal(other(IDS_2).logits, expected)
+        assert torch.equal(other(IDS_2, memory=DeltaMemory.load(tmp_path / "memory.safetensors")).logits, expected)
 
 
-def test_memory_state_refuses_to_overwrite(tmp_path):
+def test_loaded_memory_from_other_adapter_weights_is_refused(tmp_path):
+    _, memory = written_memory(model=trained_adapter(seed=1))
+    memory.save(tmp_path / "memory.safetensors")
+    other = trained_adapter(seed=2)  # same configuration, other weights
+    loaded = DeltaMemory.load(tmp_path / "memory.safetensors")
+    with pytest.raises(ValueError, match="written with other weights"):
+        other(IDS_1, memory=loaded)
+    assert torch.equal(loaded.states[loaded.layers[0]], memory.states[memory.layers[0]])
+
+
+def test_memory_refuses_to_overwrite(tmp_path):
     path = tmp_path / "memory.safetensors"
-    first = written_model().get_memory_state()
+    _, first = written_memory()
     first.save(path)
     original = path.read_bytes()
-    second = dataclasses.replace(first, states={k: v * 0.5 for k, v in first.states.items()})
+    second = first.clone()
+    second.reset(rows=[0])
     with pytest.raises(FileExistsError, match=r"overwrite=True"):
         second.save(path)
     assert path.read_bytes() == original
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        second.save(path, overwrite="yes")
     second.save(path, overwrite=True)
-    loaded = MemoryState.load(path)
+    loaded = DeltaMemory.load(path)
     for name, tensor in second.states.items():
         assert torch.equal(loaded.states[name], tensor)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors"]  # no temporary files left
 
 
-def test_memory_state_load_missing_file(tmp_path):
+def test_memory_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"memory"):
-        MemoryState.load(tmp_path / "memory.safetensors")
+        DeltaMemory.load(tmp_path / "memory.safetensors")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_memory_state_load_corrupt_file(tmp_path, damage):
+def test_memory_load_corrupt_file(tmp_path, damage):
     path = tmp_path / "memory.safetensors"
-    written_model().get_memory_state().save(path)
+    written_memory()[1].save(path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a safetensors file" * 10)
     with pytest.raises(ValueError, match=r"not a readable safetensors file"):
-        MemoryState.load(path)
+        DeltaMemory.load(path)
 
 
-def test_memory_state_load_rejects_other_safetensors(saved, tmp_path):
+def test_memory_load_rejects_other_safetensors(saved, tmp_path):
     directory, _, _ = saved
-    with pytest.raises(ValueError, match=r"not a δ-mem memory state"):
-        MemoryState.load(directory / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"not a δ-mem memory"):
+        DeltaMemory.load(directory / "adapter_model.safetensors")
     save_file({"x": torch.zeros(2)}, tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match=r"not a δ-mem memory state"):
-        MemoryState.load(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match=r"not a δ-mem memory"):
+        DeltaMemory.load(tmp_path / "plain.safetensors")
 
 
-def test_memory_state_load_rejects_other_format_version_and_damaged_metadata(tmp_path):
-    state = written_model().get_memory_state()
-    tensors = {k: v.contiguous() for k, v in state.states.items()}
-    meta = state.metadata()
+def test_memory_load_rejects_other_format_version_and_damaged_metadata(tmp_path):
+    _, memory = written_memory()
+    tensors = {k: v.contiguous() for k, v in memory.states.items()}
+    meta = memory.metadata()
     save_file(tensors, tmp_path / "v99.safetensors", metadata={**meta, "format_version": "99"})
     with pytest.raises(ValueError, match=r"format version 99"):
-        MemoryState.load(tmp_path / "v99.safetensors")
+        DeltaMemory.load(tmp_path / "v99.safetensors")
     save_file(tensors, tmp_path / "broken.safetensors", metadata={**meta, "fields": "{not json"})
-    with pytest.raises(ValueError, match=r"damaged memory-state metadata"):
-        MemoryState.load(tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match=r"damaged memory metadata"):
+        DeltaMemory.load(tmp_path / "broken.safetensors")
     fields = json.loads(meta["fields"])
     del fields["r"]
     save_file(tensors, tmp_path / "no_r.safetensors", metadata={**meta, "fields": json.dumps(fields)})
-    with pytest.raises(ValueError, match=r"damaged memory-state metadata"):
-        MemoryState.load(tmp_path / "no_r.safetensors")
+    with pytest.raises(ValueError, match=r"damaged memory metadata"):
+        DeltaMemory.load(tmp_path / "no_r.safetensors")
 
 
-def test_memory_state_nan_is_refused(tmp_path):
-    model = written_model()
-    state = model.get_memory_state()
-    name = state.layers[0]
-    state.states[name][0, 0, 0, 0] = float("nan")
-    state.save(tmp_path / "nan.safetensors")
+def test_memory_file_with_nan_is_refused(tmp_path):
+    _, memory = written_memory()
+    tensors = {k: v.contiguous() for k, v in memory.states.items()}
+    tensors[memory.layers[0]][0, 0, 0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=memory.metadata())
     with pytest.raises(ValueError, match=r"NaN"):
-        MemoryState.load(tmp_path / "nan.safetensors")
-    before = model.get_memory_state()
-    with pytest.raises(ValueError, match=r"NaN"):
-        model.set_memory_state(state)
-    after = model.get_memory_state()  # a refused state leaves the memory untouched
-    for layer, tensor in before.states.items():
-        assert torch.equal(after.states[layer], tensor)
+        DeltaMemory.load(tmp_path / "nan.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -623,47 +613,33 @@ def test_memory_state_nan_is_refused(tmp_path):
     ],
     ids=["r", "state_heads", "delta_heads", "layers"],
 )
-def test_set_memory_state_from_other_config_raises(other_config, match):
-    state = written_model(**other_config).get_memory_state()
-    model = written_model()
-    before = model.get_memory_state()
+def test_memory_from_other_config_is_refused(other_config, match):
+    _, other = written_memory(**other_config)
+    model, memory = written_memory()
+    before = memory.states
     with pytest.raises(ValueError, match=rf"does not fit adapter 'default'.*{match}"):
-        model.set_memory_state(state)
-    after = model.get_memory_state()
-    for layer, tensor in before.states.items():
-        assert torch.equal(after.states[layer], tensor)
+        model(IDS_1, memory=other)
+    with pytest.raises(ValueError, match=r"differ in"):
+        DeltaMemory.cat([memory, other])
+    for layer, tensor in before.items():
+        assert torch.equal(memory.states[layer], tensor)
 
 
-def test_set_memory_state_bad_tensors_raise():
-    model = written_model()
-    good = model.get_memory_state()
+def test_memory_with_bad_tensors_is_refused():
+    _, good = written_memory()
     first = good.layers[0]
+    states = good.states
     cases = [
         ({first: torch.zeros(2, 1, 4, 4)}, r"shape"),
-        ({first: good.states[first].half()}, r"float32"),
-        ({first: torch.full_like(good.states[first], float("inf"))}, r"infinite"),
-        ({"model.layers.7.self_attn": good.states[first]}, r"does not list"),
+        ({first: states[first].half()}, r"float32"),
+        ({first: torch.full_like(states[first], float("inf"))}, r"infinite"),
+        ({"model.layers.7.self_attn": states[first]}, r"do not match its layers"),
     ]
     for replacement, match in cases:
-        bad = dataclasses.replace(good, states={**good.states, **replacement})
         with pytest.raises(ValueError, match=match):
-            model.set_memory_state(bad)
-    missing = dataclasses.replace(good, states={first: good.states[first]})
-    with pytest.raises(ValueError, match=r"lacks the layers"):
-        model.set_memory_state(missing)
-    with pytest.raises(TypeError, match=r"MemoryState"):
-        model.set_memory_state(good.states)
-
-
-def test_state_with_wrong_batch_size_is_refused_at_the_next_call():
-    model = written_model(batch=2)
-    state = model.get_memory_state()
-    model.reset_memory()
-    model.set_memory_state(state)
-    with pytest.raises(ValueError, match=r"holds 2 batch rows but this call has 1.*reset_memory"):
-        with torch.no_grad():
-            model(random_ids(1, 5))
-    model.reset_memory()
-    with torch.no_grad():
-        model(random_ids(1, 5))  # fine after a reset
-    assert model.get_memory_state().batch_size == 1
+            DeltaMemory(**good.descriptor(), weights_hash=None, states={**states, **replacement})
+    with pytest.raises(ValueError, match=r"do not match its layers"):
+        DeltaMemory(**good.descriptor(), weights_hash=None, states={first: states[first]})
+    model = trained_adapter()
+    with pytest.raises(TypeError, match=r"DeltaMemory"):
+        model(IDS_1, memory=states)

@@ -237,8 +237,8 @@ def collated(tokenizer, episodes, n: int = 4) -> dict[str, torch.Tensor]:
     return batch
 
 
-def layer_inputs(model, batch) -> dict[DeltaMemLayer, torch.Tensor]:
-    """Hidden states entering each δ-mem layer during the memory pass (eval, writes on)."""
+def layer_inputs(model, batch, memory) -> dict[DeltaMemLayer, torch.Tensor]:
+    """Hidden states entering each δ-mem layer during the memory pass (eval, writes on) into ``memory``."""
     seen = {}
 
     def record(layer, args, kwargs):
@@ -246,9 +246,8 @@ def layer_inputs(model, batch) -> dict[DeltaMemLayer, torch.Tensor]:
 
     layers = [m for m in model.modules() if isinstance(m, DeltaMemLayer)]
     hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-    model.reset_memory()
     with torch.no_grad():
-        model(input_ids=batch["memory_input_ids"], attention_mask=batch["memory_attention_mask"])
+        model(input_ids=batch["memory_input_ids"], attention_mask=batch["memory_attention_mask"], memory=memory)
     for hook in hooks:
         hook.remove()
     return seen
@@ -264,20 +263,20 @@ def test_memory_health_matches_a_manual_computation(tokenizer, episodes):
     hooks_before = sum(len(m._forward_hooks) for m in model.modules())
     health = measure_memory_health(model, batch)
     assert model.training and sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
-    assert model.get_memory_state().states == {}  # the probe leaves an empty memory
 
     model.eval()
     # write gate: mean over layers of the masked mean of sigmoid(W_beta x + b_beta)
     valid = batch["memory_attention_mask"].bool()
     betas = []
-    for layer, hidden in layer_inputs(model, batch).items():
+    memory = model.new_memory(batch["input_ids"].shape[0])
+    for layer, hidden in layer_inputs(model, batch, memory).items():
         w, b = layer.delta_mem_write["default"].weight[24:], layer.delta_mem_beta_bias["default"]
         beta = torch.sigmoid(hidden @ w.T + b)
         betas.append(beta[valid].mean())
     assert health.write_gate_mean == pytest.approx(torch.stack(betas).mean().item(), rel=1e-5)
 
     # state norm: rows that have a memory stream
-    states = model.get_memory_state().states
+    states = memory.states
     rows = valid.any(1)
     norms = [s.flatten(1).norm(dim=1)[rows].mean() for s in states.values()]
     assert health.state_norm == pytest.approx(torch.stack(norms).mean().item(), rel=1e-5)
@@ -287,9 +286,8 @@ def test_memory_health_matches_a_manual_computation(tokenizer, episodes):
     outputs = []
     hook = q_proj.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach()))
     visible = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with torch.no_grad(), model.memory_writes(False):
-        model(**visible)  # memory still holds the written stream
-        model.reset_memory()
+    with torch.no_grad():
+        model(**visible, memory=memory, memory_writes=False)  # reads the written stream
         with model.disable_adapter():
             model(**visible)
     hook.remove()

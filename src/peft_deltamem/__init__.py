@@ -12,16 +12,16 @@ from .layer import DeltaMemLayer
 from .model import DeltaMemModel
 from .peft_type import DeltaMemPeftType
 from .registration import register
-from .state import MemoryState
+from .state import DeltaMemory
 
 register()
 
 __all__ = [
+    "DeltaMemory",
     "DeltaMemConfig",
     "DeltaMemLayer",
     "DeltaMemModel",
     "DeltaMemPeftType",
-    "MemoryState",
     "convert_reference_adapter",
     "push_to_hub",
     "register",

@@ -19,21 +19,22 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 
-from . import DeltaMemConfig, MemoryState
+from . import DeltaMemConfig, DeltaMemory
 from .recall_task import VALUES, build_tokenizer, evaluate, train_steps
 from .tiny_models import tiny_model
 
 
 @torch.no_grad()
-def ask(model, tokenizer, question: str) -> str:
+def ask(model, tokenizer, question: str, memory: DeltaMemory) -> str:
     ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
-    with model.memory_writes(False):  # asking does not write the question into memory
-        out = model.generate(
-            input_ids=torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1),
-            max_new_tokens=1,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    out = model.generate(
+        input_ids=torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1),
+        memory=memory,
+        memory_writes=False,  # asking does not write the question into memory
+        max_new_tokens=1,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return tokenizer.decode(out[0, -1])
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"   held-out recall from memory: {with_memory:.2f}; with an empty memory: {empty:.2f}")
 
     print("== 3. A conversation written into memory one turn at a time")
-    model.reset_memory()
+    memory = model.new_memory(batch_size=1)
     turns = [
         "<bos> today we talked about work",
         "alice likes teal .",
@@ -77,25 +78,23 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for turn in turns:
         with torch.no_grad():
-            model(**tokenizer(turn, return_tensors="pt", add_special_tokens=False))
+            model(**tokenizer(turn, return_tensors="pt", add_special_tokens=False), memory=memory)
         print(f"   wrote: {turn!r}")
-    state = model.get_memory_state()
-    answer = ask(model, tokenizer, "alice likes ?")
+    answer = ask(model, tokenizer, "alice likes ?", memory)
     print(f"   Q: alice likes ?  A (from memory): {answer}")
-    n_numbers = sum(t.numel() for t in state.states.values())
+    n_numbers = sum(t.numel() for t in memory.states.values())
     print(
-        f"   memory: {len(state.states)} layers x {state.num_state_heads} x {state.r}x{state.r} = {n_numbers} "
+        f"   memory: {len(memory.layers)} layers x {memory.num_state_heads} x {memory.r}x{memory.r} = {n_numbers} "
         f"float32 numbers ({4 * n_numbers} bytes), the same however long the history"
     )
-    model.reset_memory()
-    print(f"   with an empty memory the model says: {ask(model, tokenizer, 'alice likes ?')}")
+    empty_answer = ask(model, tokenizer, "alice likes ?", model.new_memory(batch_size=1))
+    print(f"   with an empty memory the model says: {empty_answer}")
 
     print("== 4. Save adapter + memory, reload into a fresh model")
     model.save_pretrained(out / "adapter")
-    state.save(out / "session.safetensors", overwrite=True)
+    memory.save(out / "session.safetensors", overwrite=True)
     fresh = PeftModel.from_pretrained(type(base).from_pretrained(out / "backbone"), out / "adapter").eval()
-    fresh.set_memory_state(MemoryState.load(out / "session.safetensors"))
-    reloaded = ask(fresh, tokenizer, "alice likes ?")
+    reloaded = ask(fresh, tokenizer, "alice likes ?", DeltaMemory.load(out / "session.safetensors"))
     print(f"   reloaded model, restored memory: alice likes ? -> {reloaded}")
     print(f"   saved to {out.resolve()} ({time.perf_counter() - start:.0f} s in all)")
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class AdapterSettings:
     scaling: float
     write_granularity: str
     segment_read: str
+    config_hash: str
 
     @property
     def width(self) -> int:
@@ -49,8 +51,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
     - ``delta_mem_beta_bias``: the write-gate bias b_β (r·H).
     - ``delta_mem_out``: one Linear ``r·H -> Σ out_features`` stacking the Δ heads in q, k, v, o order.
 
-    The runtime memory (``self.memory``: adapter -> float32 (B, H, r, r) tensor or None) is a plain
-    attribute, never a parameter or buffer, so it is neither saved with the adapter nor broadcast by DDP.
+    The layer holds no memory: each call brings its input state in the call record (``delta_mem_call``)
+    and leaves its final state there; the caller's ``DeltaMemory`` receives it when the call completes.
     """
 
     adapter_layer_names = ("delta_mem_write", "delta_mem_beta_bias", "delta_mem_out")
@@ -66,8 +68,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.layout = layout
         self.runtime = runtime
         self.layer_name = name
-        self.memory: dict[str, torch.Tensor | None] = {}
-        self._corrections: dict[str, torch.Tensor] | None = None
+        # thread id -> the corrections of the call running in that thread (threads may share one model)
+        self._corrections: dict[int, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         runtime.layers[name] = self
@@ -93,6 +95,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             scaling=config.scaling,
             write_granularity=config.write_granularity,
             segment_read=config.segment_read,
+            config_hash=config.fingerprint(),
         )
         width, d = settings.width, self.layout.hidden_size
         out_features = sum(self.layout.head_out_features(h) for h in settings.delta_heads)
@@ -100,7 +103,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.delta_mem_beta_bias[adapter_name] = nn.Parameter(torch.empty(width))
         self.delta_mem_out[adapter_name] = nn.Linear(width, out_features, bias=False)
         self.settings[adapter_name] = settings
-        self.memory[adapter_name] = None
+        self.runtime.configs[adapter_name] = config
         self.reset_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -139,6 +142,17 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 continue  # low_cpu_mem_usage: the weights arrive later with the state dict
             container[adapter_name] = item.to(target, dtype=dtype) if dtype is not None else item.to(target)
 
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [
+            *self.delta_mem_write[adapter_name].parameters(),
+            self.delta_mem_beta_bias[adapter_name],
+            *self.delta_mem_out[adapter_name].parameters(),
+        ]
+
+    def state_device(self, adapter_name: str) -> torch.device:
+        device = self.delta_mem_write[adapter_name].weight.device
+        return torch.device("cpu") if device.type == "meta" else device
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(MERGE_ERROR)
 
@@ -155,7 +169,6 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.settings.pop(adapter_name, None)
-        self.memory.pop(adapter_name, None)
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -164,7 +177,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         adapters = [a for a in self.active_adapters if a in self.delta_mem_write]
         if self.disable_adapters or not adapters:
             return self.base_layer(*args, **kwargs)
-        record = record or self.runtime.current
+        record = record or self.runtime.current_record()
         if record is None:
             raise RuntimeError(
                 f"The δ-mem layer {self.layer_name} ran outside a forward call of its model. Call the PEFT model "
@@ -175,14 +188,19 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         for adapter in adapters:
             for slot, value in self._corrections_for(adapter, hidden, record).items():
                 corrections[slot] = corrections[slot] + value if slot in corrections else value
-        self._corrections = corrections
+        thread = threading.get_ident()
+        outer = self._corrections.get(thread)
+        self._corrections[thread] = corrections
         try:
             return self.base_layer(*args, **kwargs)
         finally:
-            self._corrections = None
+            if outer is None:
+                self._corrections.pop(thread, None)
+            else:
+                self._corrections[thread] = outer
 
     def _add_correction(self, slot: str, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        corrections = self._corrections
+        corrections = self._corrections.get(threading.get_ident())
         if corrections is None or slot not in corrections:
             return output
         return output + corrections[slot].to(output.dtype)
@@ -201,7 +219,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             reads, final = self._segment_scan(adapter, x, projected, state, valid, record)
         else:
             reads, final = self._token_scan(adapter, projected, state, valid, record)
-        record.final_states[(self.layer_name, adapter)] = final if record.keep_graph else final.detach()
+        key = (self.layer_name, adapter)
+        record.final_states[key] = final if record.keep_graph else final.detach()
         if valid is not None:
             reads = reads * valid[:, None, :, None]
         reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(dtype)
@@ -213,15 +232,15 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         key = (self.layer_name, adapter)
         if key in record.input_states:
             return record.input_states[key]
-        state = None if record.fresh else self.memory.get(adapter)
+        state = record.initial.get(key)
         settings = self.settings[adapter]
         if state is None:
             state = torch.zeros(batch, settings.num_state_heads, settings.r, settings.r, device=device)
         elif state.shape[0] != batch:
             raise ValueError(
                 f"The δ-mem memory of adapter {adapter!r} holds {state.shape[0]} batch rows but this call has "
-                f"{batch}. The memory is never re-initialised silently: call model.reset_memory() to start "
-                "empty, or model.set_memory_state(...) with a state of the right batch size."
+                f"{batch}. A memory is never reshaped: use model.new_memory(batch_size), mem.select(rows) or "
+                "DeltaMemory.cat([...])."
             )
         state = state.to(device)
         record.input_states[key] = state
@@ -250,6 +269,10 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
         write_mask = self._write_mask(valid, record, projected.shape[0], projected.shape[1])
         self._report_write_gate(record, beta, write_mask)
+        if record.track_steps and q.shape[2] > 1:  # assisted decoding may roll back some of these tokens
+            states, final = ops.delta_rule_states(k, v, beta, state, write_mask)
+            record.step_states[(self.layer_name, adapter)] = states.detach()
+            return torch.einsum("bhtij,bhtj->bhti", states, q.float()), final
         return ops.delta_rule(q, k, v, beta, state, write_mask)
 
     @staticmethod
@@ -279,7 +302,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 "write_granularity='segment' needs per-token segment ids for every call that writes: pass "
                 "memory_segment_ids=<(batch, length) ints, e.g. one id per chat message> to the forward call, or "
-                "switch writes off for this call (`with model.memory_writes(False):`; for generate(), "
+                "switch writes off for this call (memory_writes=False; for generate(), "
                 "write_generated_tokens=False)."
             )
         ids = ids.to(x.device)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -18,50 +16,40 @@ from torch import nn
 
 from .architectures import ATTENTION_LAYOUTS, check_model_supported, default_target_modules, resolve_layout
 from .config import DeltaMemConfig
+from .generation import generate_with_memory
 from .layer import MERGE_ERROR, DeltaMemLayer
-from .runtime import SEGMENT_IDS_KWARG, MemoryRuntime
-from .state import MemoryState
-
-_REORDERS = "beam search reorders batch rows, but the memory state cannot be reordered"
-_ROLLS_BACK = "{} rolls back rejected tokens, but memory writes cannot be rolled back"
-_UNSUPPORTED_GENERATION = {
-    "num_beams": _REORDERS,
-    "num_beam_groups": _REORDERS,
-    "assistant_model": _ROLLS_BACK.format("assisted decoding"),
-    "prompt_lookup_num_tokens": _ROLLS_BACK.format("prompt-lookup decoding"),
-    "assistant_early_exit": _ROLLS_BACK.format("self-speculative decoding"),
-}
+from .runtime import MEMORY_KWARG, MemoryRuntime
+from .state import DeltaMemory
 
 
 def _on_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Top-level forward pre-hook: one call boundary (outside every checkpointed region)."""
-    runtime.begin_call(kwargs, training=module.training)
+    runtime.begin_call(module, kwargs)
     return args, kwargs
 
 
 def _after_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwargs: dict, output):
-    """Top-level forward hook: add pending loss terms (the write-sparsity penalty) to the call's loss."""
-    if not runtime.pending_loss_terms:
-        return output
-    if getattr(output, "loss", None) is None:
-        raise ValueError("write_sparsity_weight > 0 needs a loss: pass labels with the visible stream.")
-    penalty = sum(t.to(output.loss.device) for t in runtime.pending_loss_terms)
-    runtime.pending_loss_terms.clear()
-    total_items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
-    if total_items is not None and labels is not None:
-        # The Trainer then sums micro-batch losses instead of averaging them: weigh the penalty like the
-        # token loss, by this micro-batch's share of the step's label tokens, so it counts once per step.
-        penalty = penalty * (labels[..., 1:] != -100).sum().to(penalty.device) / total_items
-    output.loss = output.loss + penalty
-    return output
+    """Top-level forward hook: the call completed; commit its memory and add its loss terms."""
+    return runtime.end_call(module, kwargs, output)
+
+
+def _new_memory(runtime: MemoryRuntime, batch_size: int, adapter_name: str | None = None) -> DeltaMemory:
+    """An empty float32 memory with ``batch_size`` rows for ``adapter_name`` (default: the active adapter)."""
+    if adapter_name is None:
+        active = runtime.active_adapters()
+        if not active:
+            raise ValueError("No δ-mem adapter is active; pass adapter_name=.")
+        adapter_name = active[0]
+    if adapter_name not in runtime.configs:
+        raise ValueError(f"Unknown adapter {adapter_name!r}; loaded adapters: {sorted(runtime.configs)}.")
+    return runtime.new_memory(batch_size, adapter_name)
 
 
 class DeltaMemModel(BaseTuner):
     """Creates δ-mem layers in a pretrained transformers model (use through ``get_peft_model``).
 
-    Besides the usual tuner API it exposes the memory: :meth:`reset_memory`,
-    :meth:`get_memory_state`, :meth:`set_memory_state`, :meth:`memory_writes` and
-    :meth:`memory_episode` (all reachable from the ``PeftModel``).
+    Besides the usual tuner API it creates memories: :meth:`new_memory` (reachable from the
+    ``PeftModel``). A memory is passed to each call (``memory=``); without one, a call is stateless.
     """
 
     prefix: str = "delta_mem_"
@@ -69,47 +57,6 @@ class DeltaMemModel(BaseTuner):
     target_module_mapping = {model_type: [layout[0]] for model_type, layout in ATTENTION_LAYOUTS.items()}
 
     # ------------------------------------------------------------------------------------- episodes
-
-    def _write_memory_stream(self, kwargs: dict) -> None:
-        """The write half of an episode: run the memory stream with writes on (gradients flow)."""
-        memory_ids = kwargs["memory_input_ids"]
-        if memory_ids.shape[1] == 0:
-            return
-        memory_kwargs = {
-            "input_ids": memory_ids,
-            "attention_mask": kwargs.get("memory_attention_mask"),
-            "use_cache": False,
-        }
-        if kwargs.get(SEGMENT_IDS_KWARG) is not None:
-            memory_kwargs[SEGMENT_IDS_KWARG] = kwargs[SEGMENT_IDS_KWARG]
-        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
-            memory_kwargs["logits_to_keep"] = 1  # the memory pass needs no vocabulary logits
-        stats = self.memory_runtime.track_write_gates()
-        try:
-            with self.memory_writes(True):
-                self.model(**memory_kwargs)
-        finally:
-            self.memory_runtime.stop_tracking()
-        config: DeltaMemConfig = self.peft_config[self.active_adapters[0]]
-        if self.model.training and config.write_sparsity_weight > 0 and stats:
-            mean_beta = torch.stack(stats).mean()
-            penalty = config.write_sparsity_weight * (mean_beta - config.write_sparsity_target) ** 2
-            self.memory_runtime.pending_loss_terms.append(penalty)
-
-    @contextlib.contextmanager
-    def _episode(self, kwargs: dict) -> Iterator[None]:
-        """Entered around a forward/generate whose inputs carry ``memory_input_ids``.
-
-        The episode starts from an empty memory, writes the memory stream (``memory_input_ids``,
-        ``memory_attention_mask``, ``memory_segment_ids``) with gradients flowing through the scan,
-        then lets the visible call run with writes off. Rows whose memory stream is all padding
-        start empty. In training the memory is emptied afterwards; in eval it is kept (detached).
-        """
-        with self.memory_episode(keep_state=not self.model.training), self._checkpointing_without_reentrant():
-            self._write_memory_stream(kwargs)
-            with self.memory_writes(False):
-                yield
-        self.memory_runtime.pending_loss_terms.clear()
 
     @contextlib.contextmanager
     def _checkpointing_without_reentrant(self) -> Iterator[None]:
@@ -145,6 +92,11 @@ class DeltaMemModel(BaseTuner):
         if not any(isinstance(h, functools.partial) and h.func is _on_model_call for h in hooks):
             model.register_forward_pre_hook(functools.partial(_on_model_call, self.memory_runtime), with_kwargs=True)
             model.register_forward_hook(functools.partial(_after_model_call, self.memory_runtime), with_kwargs=True)
+        if hasattr(model, "generate") and not isinstance(model.__dict__.get("generate"), functools.partial):
+            # generate() takes memory=, carried from step to step (PeftModel.generate ends up here too)
+            model.generate = functools.partial(generate_with_memory, self.memory_runtime, model)
+        # the adapted transformers model (e.g. after transformers' load_adapter) creates memories too
+        model.new_memory = functools.partial(_new_memory, self.memory_runtime)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["delta-mem", "peft-deltamem"])
 
@@ -198,6 +150,10 @@ class DeltaMemModel(BaseTuner):
                 if isinstance(hook, functools.partial) and hook.func in (_on_model_call, _after_model_call):
                     del hooks[key]
                     flags.pop(key, None)
+        generate = model.__dict__.get("generate")
+        if isinstance(generate, functools.partial) and generate.func is generate_with_memory:
+            del model.generate
+        model.__dict__.pop("new_memory", None)
         return model
 
     @classmethod
@@ -237,38 +193,25 @@ class DeltaMemModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self.memory_runtime.configs.pop(adapter_name, None)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
-        """Entered by ``PeftModel.forward`` and ``PeftModel.generate``: refuse what the memory cannot follow."""
+        """Entered by ``PeftModel.forward`` and ``PeftModel.generate`` around the whole call.
+
+        Refuses mixed-adapter batches; serialises calls that share one memory object (its lock); runs
+        checkpointed layers non-reentrantly during an episode (``memory_input_ids``).
+        """
         if kwargs.get("adapter_names") is not None:
             raise ValueError(
-                "δ-mem does not support mixed-adapter batches (adapter_names=...): each adapter keeps its own "
-                "memory per batch row. Use set_adapter() and run one adapter per call."
+                "δ-mem does not support mixed-adapter batches (adapter_names=...): a memory holds one adapter's "
+                "states. Use set_adapter() and run one adapter per call."
             )
-        generation_config = kwargs.get("generation_config")
-        for name, why in _UNSUPPORTED_GENERATION.items():
-            value = kwargs.get(name, getattr(generation_config, name, None))
-            if (
-                value is not None
-                and value is not False
-                and not (name in ("num_beams", "num_beam_groups") and value == 1)
-            ):
-                raise NotImplementedError(
-                    f"δ-mem cannot run generate() with {name}={value!r}: {why}. Use greedy or sampling."
-                )
-        runtime = self.memory_runtime
-        episode = self._episode(kwargs) if kwargs.get("memory_input_ids") is not None else contextlib.nullcontext()
-        with episode:
-            previous = (runtime.generation_calls, runtime.write_generated_tokens)
-            runtime.generation_calls = 0
-            runtime.write_generated_tokens = all(
-                self.peft_config[a].write_generated_tokens for a in self.active_adapters if a in self.peft_config
-            )
-            try:
-                yield
-            finally:
-                runtime.generation_calls, runtime.write_generated_tokens = previous
+        memory = kwargs.get(MEMORY_KWARG)
+        lock = memory._lock if isinstance(memory, DeltaMemory) else contextlib.nullcontext()
+        episode = kwargs.get("memory_input_ids") is not None
+        with lock, self._checkpointing_without_reentrant() if episode else contextlib.nullcontext():
+            yield
 
     # ---------------------------------------------------------------------------------------- memory
 
@@ -281,104 +224,6 @@ class DeltaMemModel(BaseTuner):
             raise ValueError(f"Unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}.")
         return name
 
-    def reset_memory(self, rows: Sequence[int] | torch.Tensor | None = None, adapter_name: str | None = None) -> None:
-        """Empty the memory: all of it (``rows=None``) or only the given batch rows, for one adapter or all."""
-        self.memory_runtime.commit()
-        adapters = [self._adapter(adapter_name)] if adapter_name else list(self.peft_config)
-        for layer in self._memory_layers():
-            for adapter in adapters:
-                state = layer.memory.get(adapter)
-                if rows is None or state is None:
-                    layer.memory[adapter] = None
-                    continue
-                index = torch.as_tensor(rows, dtype=torch.long)
-                if index.numel() and (index.min() < -state.shape[0] or index.max() >= state.shape[0]):
-                    raise IndexError(
-                        f"reset_memory rows {index.tolist()} out of range for batch size {state.shape[0]}."
-                    )
-                state = state.clone()
-                state[index.to(state.device)] = 0.0
-                layer.memory[adapter] = state
-
-    def get_memory_state(self, adapter_name: str | None = None) -> MemoryState:
-        """A detached float32 snapshot of the memory of ``adapter_name`` (default: the active adapter)."""
-        self.memory_runtime.commit()
-        adapter = self._adapter(adapter_name)
-        layers = [layer for layer in self._memory_layers() if adapter in layer.settings]
-        tensors = {layer.layer_name: layer.memory.get(adapter) for layer in layers}
-        present = [t for t in tensors.values() if t is not None]
-        if present:
-            template = present[0]
-            tensors = {n: (t if t is not None else torch.zeros_like(template)) for n, t in tensors.items()}
-            tensors = {n: t.detach().clone().float() for n, t in tensors.items()}
-        else:
-            tensors = {}
-        return self._describe(adapter, [layer.layer_name for layer in layers], tensors)
-
-    def _describe(self, adapter: str, layer_names: list[str], tensors: dict[str, torch.Tensor]) -> MemoryState:
-        config: DeltaMemConfig = self.peft_config[adapter]
-        return MemoryState(
-            adapter_name=adapter,
-            r=config.r,
-            num_state_heads=config.num_state_heads,
-            delta_heads=tuple(config.delta_heads),
-            write_granularity=config.write_granularity,
-            layers=tuple(layer_names),
-            config_hash=config.fingerprint(),
-            states=tensors,
-        )
-
-    def set_memory_state(self, state: MemoryState, adapter_name: str | None = None) -> None:
-        """Replace the memory of ``adapter_name`` (default: ``state.adapter_name`` if loaded, else the active one)."""
-        if not isinstance(state, MemoryState):
-            raise TypeError(f"set_memory_state expects a MemoryState, got {type(state).__name__}.")
-        if adapter_name is None:
-            adapter_name = state.adapter_name if state.adapter_name in self.peft_config else None
-        adapter = self._adapter(adapter_name)
-        layers = [layer for layer in self._memory_layers() if adapter in layer.settings]
-        expected = self._describe(adapter, [layer.layer_name for layer in layers], {})
-        for name in ("r", "num_state_heads", "delta_heads", "write_granularity", "layers", "config_hash"):
-            if getattr(state, name) != getattr(expected, name):
-                raise ValueError(
-                    f"This memory state does not fit adapter {adapter!r}: its {name} is {getattr(state, name)!r} but "
-                    f"the adapter has {getattr(expected, name)!r}. A state can only be restored into the adapter "
-                    "configuration that wrote it."
-                )
-        state.validate_tensors()
-        self.memory_runtime.commit()
-        for layer in layers:
-            tensor = state.states.get(layer.layer_name)
-            if tensor is not None:
-                device = layer.delta_mem_write[adapter].weight.device
-                tensor = tensor.detach().to(device=device, dtype=torch.float32).clone()
-            layer.memory[adapter] = tensor
-
-    @contextlib.contextmanager
-    def memory_writes(self, enabled: bool) -> Iterator[None]:
-        """Switch memory writes on or off for the calls inside the block (reads always happen)."""
-        previous = self.memory_runtime.writes_enabled
-        self.memory_runtime.writes_enabled = bool(enabled)
-        try:
-            yield
-        finally:
-            self.memory_runtime.writes_enabled = previous
-
-    @contextlib.contextmanager
-    def memory_episode(self, keep_state: bool = False) -> Iterator[None]:
-        """An episode: start from an empty memory and carry it, with its graph, across the calls inside.
-
-        Outside an episode a model in training mode starts every forward from an empty memory. On exit
-        the memory is emptied, or kept (detached) with ``keep_state=True``.
-        """
-        self.reset_memory()
-        self.memory_runtime.episode_depth += 1
-        try:
-            yield
-        finally:
-            self.memory_runtime.episode_depth -= 1
-            if keep_state:
-                self.memory_runtime.commit()
-                for layer in self._memory_layers():
-                    layer.memory = {a: (s.detach() if s is not None else None) for a, s in layer.memory.items()}
-            else:
-                self.reset_memory()
+    def new_memory(self, batch_size: int, adapter_name: str | None = None) -> DeltaMemory:
+        """An empty float32 memory with ``batch_size`` rows for ``adapter_name`` (default: the active adapter)."""
+        return self.memory_runtime.new_memory(batch_size, self._adapter(adapter_name))

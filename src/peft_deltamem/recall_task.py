@@ -170,6 +170,4 @@ def evaluate(model, tokenizer, seed: int, *, in_context: bool = False, memory: b
         return answer_accuracy(model(**batch).logits.cpu(), answers)
     batch.pop("memory_input_ids", None)
     batch.pop("memory_attention_mask", None)
-    model.reset_memory()
-    with model.memory_writes(False):
-        return answer_accuracy(model(**batch).logits.cpu(), answers)
+    return answer_accuracy(model(**batch, memory_writes=False).logits.cpu(), answers)  # an empty memory

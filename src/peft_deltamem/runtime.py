@@ -1,36 +1,56 @@
-"""Per-model runtime of the memory: what each top-level forward call tells the δ-mem layers.
+"""What each top-level forward call tells the δ-mem layers, and how its memory is committed.
 
-A top-level forward pre-hook (outside every gradient-checkpointed region) opens a
-:class:`CallRecord` and passes it down as the ``delta_mem_call`` keyword, which transformers
-forwards to every attention module. Because gradient checkpointing re-runs a decoder layer with
-the *same* keywords, a recomputed layer sees the same record: the same token mask, the same input
-state and the same output slot, so recomputation is idempotent (see docs/concepts.md).
+A top-level forward pre-hook (outside every gradient-checkpointed region) builds a :class:`CallRecord`
+from the call's keywords (``memory=``, ``memory_writes=``, masks) and passes it down as the
+``delta_mem_call`` keyword, which transformers forwards to every attention module. Gradient
+checkpointing re-runs a decoder layer with the *same* keywords, so a recomputed layer sees the same
+record: the same token mask, the same input state and the same output slot (idempotent, see
+docs/concepts.md). A forward hook commits the record's final states into the caller's
+:class:`~peft_deltamem.state.DeltaMemory` once the call has completed: all layers at once, after one
+finiteness check. Nothing of a call is kept in the model: the record lives only as long as the call.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from .state import DeltaMemory, all_finite
+
 CALL_KWARG = "delta_mem_call"
+MEMORY_KWARG = "memory"
+WRITES_KWARG = "memory_writes"
 SEGMENT_IDS_KWARG = "memory_segment_ids"
 WRITE_MASK_KWARG = "memory_write_mask"
+
+Key = tuple  # (layer name, adapter name)
 
 
 @dataclass(eq=False)
 class CallRecord:
-    """Everything the layers need about one top-level forward call."""
+    """Everything the layers need about one top-level forward call, and what they produced."""
 
     attention_mask: torch.Tensor | None  # 2-D (batch, total length) or None: every token valid
     segment_ids: torch.Tensor | None  # 2-D (batch, length) for segment writes
     write_mask: torch.Tensor | None  # 2-D (batch, length) user write control
     writes: bool  # False: nothing of this call is written
-    fresh: bool  # True: the call starts from an empty memory (training)
-    keep_graph: bool  # True: keep the autograd graph of the final state (training episodes)
+    initial: dict = field(default_factory=dict)  # (layer, adapter) -> state the call starts from (absent: empty)
+    keep_graph: bool = False  # True: keep the autograd graph of the final state (the write half of an episode)
+    track_steps: bool = False  # True: keep the state before every token (assisted decoding rolls back)
     write_gate_stats: list | None = None  # where layers report their mean write gate, when tracked
-    input_states: dict = field(default_factory=dict)  # (layer name, adapter) -> state read by the call
-    final_states: dict = field(default_factory=dict)  # (layer name, adapter) -> state after the call
+    memory: DeltaMemory | None = None  # the caller's memory, committed when the call completes
+    memory_version: int = 0
+    generation: object | None = None  # the generate() call this forward belongs to
+    past_length: int = 0  # tokens already in the KV cache when this call started (generation)
+    loss_terms: list = field(default_factory=list)  # added to this call's loss (write-sparsity penalty)
+    input_states: dict = field(default_factory=dict)  # (layer, adapter) -> state read by the call
+    final_states: dict = field(default_factory=dict)  # (layer, adapter) -> state after the call
+    step_states: dict = field(default_factory=dict)  # (layer, adapter) -> states before each token (track_steps)
+    previous: CallRecord | None = None  # the thread's record before this call (nested calls)
 
     def token_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Bool (batch, length) mask of real tokens for the last ``length`` positions, or None (all real)."""
@@ -52,78 +72,315 @@ class CallRecord:
         return tensor[:, -length:]
 
 
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _mask_tensor(value, name: str) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (batch, length) tensor, got {type(value).__name__}.")
+    return value
+
+
 class MemoryRuntime:
-    """Shared by all δ-mem layers of one model: the open call and the user's write switches."""
+    """Shared by the δ-mem layers of one model: the layer registry and configs. Holds no call state.
+
+    The only per-call data kept outside the call's keywords is thread-local: the current record (for
+    attention modules that do not forward keywords) and the current generate() call.
+    """
 
     def __init__(self) -> None:
         self.layers: dict[str, object] = {}  # module name -> DeltaMemLayer
-        self.current: CallRecord | None = None
-        self.writes_enabled = True
-        self.episode_depth = 0  # > 0 inside a training episode (state carried across calls, graph kept)
-        self.generation_calls: int | None = None  # calls made inside the current generate(), else None
-        self.write_generated_tokens = True
-        self.write_gate_stats: list[torch.Tensor] | None = None  # mean write gate of each writing layer call
-        self.pending_loss_terms: list[torch.Tensor] = []  # added to the next call's loss (write-sparsity penalty)
+        self.configs: dict[str, object] = {}  # adapter -> DeltaMemConfig
+        self._local = threading.local()
+        self._fingerprint_lock = threading.Lock()
+        self._fingerprints: dict[str, tuple] = {}
 
-    def track_write_gates(self) -> list[torch.Tensor]:
-        """Start collecting the mean write gate β of every writing layer call (write-sparsity penalty, logging)."""
-        self.write_gate_stats = []
-        return self.write_gate_stats
+    def __deepcopy__(self, memo):
+        clone = MemoryRuntime()
+        memo[id(self)] = clone
+        import copy
 
-    def stop_tracking(self) -> None:
-        self.write_gate_stats = None
+        clone.layers = copy.deepcopy(self.layers, memo)
+        clone.configs = copy.deepcopy(self.configs, memo)
+        return clone
 
-    def commit(self) -> None:
-        """Make the states written by the last call the layers' current states."""
-        record, self.current = self.current, None
-        if record is None:
-            return
-        for (layer_name, adapter), state in record.final_states.items():
-            self.layers[layer_name].memory[adapter] = state
+    # ------------------------------------------------------------------------------ thread-local state
 
-    def _adapters_enabled(self) -> bool:
-        return any(not layer.disable_adapters and layer.active_adapters for layer in self.layers.values())
+    def current_record(self) -> CallRecord | None:
+        return getattr(self._local, "record", None)
 
-    def begin_call(self, kwargs: dict, training: bool) -> CallRecord:
-        self.commit()
-        memory_stream = kwargs.pop("memory_input_ids", None)
-        kwargs.pop("memory_attention_mask", None)
-        kwargs.pop("ablation_mode", None)  # informational key of DeltaMemDataCollator batches
-        if memory_stream is not None and self.episode_depth == 0 and self._adapters_enabled():
-            raise ValueError(
-                "memory_input_ids reached the model outside a δ-mem episode. Call the PeftModel (model(...) or "
-                "model.generate(...)), which writes the memory stream first, not its inner transformers model."
+    @property
+    def generation(self):
+        return getattr(self._local, "generation", None)
+
+    @generation.setter
+    def generation(self, value) -> None:
+        self._local.generation = value
+
+    # ------------------------------------------------------------------------------------- adapters
+
+    def adapter_layers(self, adapter: str) -> list:
+        return [layer for layer in self.layers.values() if adapter in layer.settings]
+
+    def active_adapters(self) -> list[str]:
+        """Adapters that run in a call now (empty when adapters are disabled)."""
+        for layer in self.layers.values():
+            if layer.disable_adapters:
+                return []
+            return [a for a in layer.active_adapters if a in layer.settings]
+        return []
+
+    def describe(self, adapter: str) -> dict:
+        layers = self.adapter_layers(adapter)
+        if not layers:
+            raise ValueError(f"No δ-mem layer has adapter {adapter!r}.")
+        settings = layers[0].settings[adapter]
+        return {
+            "adapter_name": adapter,
+            "r": settings.r,
+            "num_state_heads": settings.num_state_heads,
+            "delta_heads": tuple(settings.delta_heads),
+            "write_granularity": settings.write_granularity,
+            "hidden_size": layers[0].layout.hidden_size,
+            "layers": tuple(layer.layer_name for layer in layers),
+            "config_hash": settings.config_hash,
+        }
+
+    def weights_fingerprint(self, adapter: str) -> str:
+        """A hash of the adapter's weights; recomputed only after a weight changed (tensor version counters)."""
+        params = [p for layer in self.adapter_layers(adapter) for p in layer.adapter_parameters(adapter)]
+        key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+        with self._fingerprint_lock:
+            cached = self._fingerprints.get(adapter)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for p in params:
+                if p.device.type == "meta":
+                    continue
+                digest.update(p.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        value = digest.hexdigest()[:16]
+        with self._fingerprint_lock:
+            self._fingerprints[adapter] = (key, value)
+        return value
+
+    def new_memory(self, batch_size: int, adapter: str) -> DeltaMemory:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        description = self.describe(adapter)
+        states = {}
+        with torch.inference_mode(False):
+            for layer in self.adapter_layers(adapter):
+                s = layer.settings[adapter]
+                device = layer.state_device(adapter)
+                states[layer.layer_name] = torch.zeros(batch_size, s.num_state_heads, s.r, s.r, device=device)
+        return DeltaMemory(**description, weights_hash=self.weights_fingerprint(adapter), states=states)
+
+    def check_memory(self, memory: DeltaMemory) -> None:
+        """Refuse a memory that another adapter, configuration or set of weights wrote."""
+        if not isinstance(memory, DeltaMemory):
+            raise TypeError(
+                f"memory must be a peft_deltamem.DeltaMemory (from model.new_memory(batch_size)), got "
+                f"{type(memory).__name__}."
             )
-        segment_ids = kwargs.pop(SEGMENT_IDS_KWARG, None)
-        write_mask = kwargs.pop(WRITE_MASK_KWARG, None)
+        if memory.adapter_name not in self.configs:
+            raise ValueError(
+                f"This memory belongs to adapter {memory.adapter_name!r}, which this model does not have "
+                f"(adapters: {sorted(self.configs)})."
+            )
+        expected = self.describe(memory.adapter_name)
+        for name, value in expected.items():
+            if getattr(memory, name) != value:
+                raise ValueError(
+                    f"This memory does not fit adapter {memory.adapter_name!r}: its {name} is "
+                    f"{getattr(memory, name)!r} but the adapter has {value!r}. A memory can only be used with the "
+                    "adapter configuration that wrote it."
+                )
+        if not memory._weights_checked:
+            current = self.weights_fingerprint(memory.adapter_name)
+            if memory.weights_hash is not None and memory.weights_hash != current:
+                raise ValueError(
+                    f"This memory was written with other weights of adapter {memory.adapter_name!r} (fingerprint "
+                    f"{memory.weights_hash}, the model has {current}); its states would not mean the same here."
+                )
+            memory._weights_checked = True
+
+    # ------------------------------------------------------------------------------------------ calls
+
+    def begin_call(self, module, kwargs: dict) -> CallRecord:
+        """Top-level forward pre-hook: turn the call's keywords into a record passed to every layer."""
+        record = kwargs.get(CALL_KWARG)
+        if isinstance(record, CallRecord):  # built by our own code (the write half of an episode)
+            record.previous = self.current_record()
+            self._local.record = record
+            return record
+        memory = kwargs.pop(MEMORY_KWARG, None)
+        writes = check_bool(kwargs.pop(WRITES_KWARG, True), WRITES_KWARG)
+        segment_ids = _mask_tensor(kwargs.pop(SEGMENT_IDS_KWARG, None), SEGMENT_IDS_KWARG)
+        write_mask = _mask_tensor(kwargs.pop(WRITE_MASK_KWARG, None), WRITE_MASK_KWARG)
+        if write_mask is not None and write_mask.dtype.is_floating_point:
+            raise TypeError(f"{WRITE_MASK_KWARG} must be a bool (or 0/1 integer) tensor, got {write_mask.dtype}.")
+        memory_stream = kwargs.pop("memory_input_ids", None)
+        memory_stream_mask = kwargs.pop("memory_attention_mask", None)
+        kwargs.pop("ablation_mode", None)  # informational key of DeltaMemDataCollator batches
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() != 2:
+        generation = self.generation if memory is None and memory_stream is None else None
+        if generation is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+            attention_mask = None  # a static cache's 4-D mask: the generation tracks the 2-D one
+        elif attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"δ-mem needs the 2-D (batch, length) attention_mask to know which tokens are padding; got shape "
                 f"{tuple(attention_mask.shape)}. Pass the tokenizer's attention_mask, not a 4-D mask."
             )
-        _refuse_packed(kwargs)
-        writes = self.writes_enabled
-        if self.generation_calls is not None:
-            self.generation_calls += 1
-            if self.generation_calls > 1 and not self.write_generated_tokens:
-                writes = False
-        in_episode = self.episode_depth > 0
+        _refuse_packed(kwargs, attention_mask)
+        adapters = self.active_adapters()
         record = CallRecord(
-            attention_mask=attention_mask,
-            segment_ids=segment_ids,
-            write_mask=write_mask,
-            writes=writes,
-            fresh=training and not in_episode,
-            keep_graph=in_episode,
-            write_gate_stats=self.write_gate_stats,
+            attention_mask=attention_mask, segment_ids=segment_ids, write_mask=write_mask, writes=writes
         )
-        self.current = record
+        if memory is not None:
+            if memory_stream is not None:
+                raise ValueError(
+                    "Pass either memory= (a memory to read and update) or memory_input_ids= (an episode that writes "
+                    "a fresh memory), not both."
+                )
+            self._attach_memory(record, memory, adapters, kwargs)
+        elif memory_stream is not None:
+            if adapters:
+                self._run_episode_write(
+                    module, record, kwargs, memory_stream, memory_stream_mask, segment_ids, adapters
+                )
+        elif generation is not None and adapters:
+            generation.prepare(record, kwargs)
+        elif adapters:
+            past = kwargs.get("past_key_values")
+            if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+                raise ValueError(
+                    "This call continues a KV cache but passes no memory: the earlier tokens' writes are lost and "
+                    "the outputs would silently differ from one call over the whole text. Pass memory=<the "
+                    "DeltaMemory of the earlier calls> (model.new_memory(batch_size) before the first call), or "
+                    "use the PEFT model's generate()."
+                )
+        self._local.record = record  # a top-level call: a record left by a call that raised is dropped here
         kwargs[CALL_KWARG] = record
         return record
 
+    def _attach_memory(self, record: CallRecord, memory, adapters: list[str], kwargs: dict) -> None:
+        self.check_memory(memory)
+        if adapters and memory.adapter_name not in adapters:
+            raise ValueError(
+                f"This memory belongs to adapter {memory.adapter_name!r} but the active adapter is {adapters}; "
+                "call set_adapter() or pass that adapter's memory."
+            )
+        if len(adapters) > 1:
+            raise ValueError(
+                f"A memory holds one adapter's states but {len(adapters)} adapters are active ({adapters}); "
+                "activate one adapter for calls that carry a memory."
+            )
+        batch = _call_batch(kwargs)
+        if batch is not None and batch != memory.batch_size:
+            raise ValueError(
+                f"This call has batch size {batch} but the memory has {memory.batch_size} rows. A memory is never "
+                "reshaped: use model.new_memory(batch_size), mem.select(rows) or DeltaMemory.cat([...])."
+            )
+        states, version = memory._snapshot()
+        record.initial = {(name, memory.adapter_name): t for name, t in states.items()}
+        record.memory, record.memory_version = memory, version
 
-def _refuse_packed(kwargs: dict) -> None:
+    def _run_episode_write(self, module, record, kwargs, stream, stream_mask, segment_ids, adapters) -> None:
+        """The write half of an episode: the memory stream is written into an empty memory, with gradients."""
+        training = module.training
+        weight = max(getattr(self.configs.get(a), "write_sparsity_weight", 0.0) for a in adapters)
+        write = CallRecord(
+            attention_mask=stream_mask,
+            segment_ids=segment_ids,
+            write_mask=None,
+            writes=True,
+            keep_graph=True,
+            write_gate_stats=[] if training and weight > 0 else None,
+        )
+        if stream.shape[1] > 0:
+            self.run_memory_stream(module, stream, stream_mask, write)
+        record.initial = dict(write.final_states)
+        record.writes = False
+        record.segment_ids = None  # they describe the memory stream
+        if write.write_gate_stats:
+            config = self.configs[adapters[0]]
+            mean_beta = torch.stack(write.write_gate_stats).mean()
+            record.loss_terms.append(config.write_sparsity_weight * (mean_beta - config.write_sparsity_target) ** 2)
+
+    @staticmethod
+    def run_memory_stream(module, stream, stream_mask, record: CallRecord) -> CallRecord:
+        memory_kwargs = {"input_ids": stream, "attention_mask": stream_mask, "use_cache": False, CALL_KWARG: record}
+        if "logits_to_keep" in inspect.signature(module.forward).parameters:
+            memory_kwargs["logits_to_keep"] = 1  # the memory pass needs no vocabulary logits
+        module(**memory_kwargs)
+        return record
+
+    def end_call(self, module, kwargs: dict, output):
+        """Top-level forward hook: the call completed; add its loss terms and commit its memory."""
+        record = kwargs.get(CALL_KWARG)
+        if not isinstance(record, CallRecord):
+            return output
+        self._local.record = record.previous
+        record.previous = None
+        if record.loss_terms:
+            output = _add_loss_terms(output, record.loss_terms, kwargs)
+        if record.memory is not None:
+            self.commit(record.memory, record.memory_version, record.final_states)
+        elif record.generation is not None:
+            record.generation.after_call(record)
+        return output
+
+    def commit(self, memory: DeltaMemory, version: int, final_states: dict) -> None:
+        """Check the new states (one fused finiteness check) and swap them into ``memory`` all at once."""
+        new = {layer: t for (layer, adapter), t in final_states.items() if adapter == memory.adapter_name}
+        if not new:
+            return  # adapters disabled: nothing was read or written
+        if not all_finite(new.values()):
+            raise ValueError(
+                "The memory update of this call contains NaN or infinite values (non-finite inputs or activations?). "
+                "The memory was left unchanged."
+            )
+        new = {layer: _plain(t.detach()) for layer, t in new.items()}
+        memory._commit(new, version, self.weights_fingerprint(memory.adapter_name))
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor (not an inference tensor), so a later call with autograd can save it."""
+    if tensor.is_inference():
+        with torch.inference_mode(False):
+            return tensor.clone()
+    return tensor
+
+
+def _call_batch(kwargs: dict) -> int | None:
+    for name in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    return None
+
+
+def _add_loss_terms(output, terms: list, kwargs: dict):
+    if getattr(output, "loss", None) is None:
+        raise ValueError("write_sparsity_weight > 0 needs a loss: pass labels with the visible stream.")
+    penalty = sum(t.to(output.loss.device) for t in terms)
+    total_items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+    if total_items is not None and labels is not None:
+        # The Trainer then sums micro-batch losses instead of averaging them: weigh the penalty like the
+        # token loss, by this micro-batch's share of the step's label tokens, so it counts once per step.
+        penalty = penalty * (labels[..., 1:] != -100).sum().to(penalty.device) / total_items
+    output.loss = output.loss + penalty
+    return output
+
+
+def _refuse_packed(kwargs: dict, attention_mask: torch.Tensor | None) -> None:
     if any(k in kwargs for k in ("cu_seq_lens_q", "cu_seq_lens_k")):
         raise ValueError(
             "δ-mem cannot run on packed (padding-free) batches: the memory would leak across the packed "
@@ -133,7 +390,6 @@ def _refuse_packed(kwargs: dict) -> None:
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
         return
     step_back = position_ids[:, 1:] < position_ids[:, :-1]
-    attention_mask = kwargs.get("attention_mask")
     if attention_mask is not None:  # left padding gives placeholder positions to pad tokens
         valid = attention_mask[:, -position_ids.shape[1] :].bool()
         step_back = step_back & valid[:, 1:] & valid[:, :-1]

@@ -127,9 +127,10 @@ def _median(measurements: Sequence[tuple[Any, float, float | None]]) -> tuple[fl
 
 
 @torch.no_grad()
-def _answer(model, ids: list[int], max_new_tokens: int, pad_id: int) -> torch.Tensor:
+def _answer(model, ids: list[int], max_new_tokens: int, pad_id: int, **memory_kwargs) -> torch.Tensor:
     input_ids = torch.tensor([ids])
     return model.generate(
+        **memory_kwargs,
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
@@ -168,18 +169,18 @@ def cost_curve(
             [measure(lambda ids=full_ids: _answer(base, ids, spec.max_new_tokens, pad)) for _ in range(full_repeats)]
         )
 
-        def write(history=history) -> int:
-            model.reset_memory()
+        memory = model.new_memory(batch_size=1)
+
+        def write(history=history, memory=memory) -> int:
             chunks = _chunks(tokenizer, history, spec.write_chunk_tokens)
-            with torch.no_grad(), model.memory_writes(True):
+            with torch.no_grad():
                 for chunk in chunks:
                     ids = torch.tensor([chunk])
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), memory=memory)
             return sum(len(c) for c in chunks)
 
-        def answer(ids=window_ids):
-            with model.memory_writes(False):
-                return _answer(model, ids, spec.max_new_tokens, pad)
+        def answer(ids=window_ids, memory=memory):
+            return _answer(model, ids, spec.max_new_tokens, pad, memory=memory, memory_writes=False)
 
         written, write_s, write_mb = measure(write)
         mem_s, mem_mb = _median([measure(answer) for _ in range(spec.repeats)])
@@ -196,7 +197,7 @@ def cost_curve(
                 "deltamem_peak_mib": mem_mb,
                 "deltamem_write_s": write_s,
                 "deltamem_write_peak_mib": write_mb,
-                "deltamem_state_floats": sum(t.numel() for t in model.get_memory_state().states.values()),
+                "deltamem_state_floats": sum(t.numel() for t in memory.states.values()),
             }
         )
         if log is not None:

@@ -17,7 +17,6 @@ Protocol (everything seeded, nothing downloaded):
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -256,25 +255,25 @@ def _baselines(config: BenchmarkConfig, backbone) -> list[Method]:
 
 
 @torch.no_grad()
-def _next_token(method: Method, feature: dict) -> torch.Tensor:
-    """One answer: prefill the prompt and return the next-token logits (δ-mem reads the memory, writes off)."""
+def _next_token(method: Method, feature: dict, memory=None) -> torch.Tensor:
+    """One answer: prefill the prompt and return the next-token logits (δ-mem reads ``memory``, writes off)."""
     ids = torch.tensor([feature["input_ids"][: context_tokens(feature)]])
-    writes = method.model.memory_writes(False) if method.memory else contextlib.nullcontext()
-    with writes:
-        return method.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1).logits
+    extra = {"memory": memory, "memory_writes": False} if memory is not None else {}
+    return method.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **extra).logits
 
 
 @torch.no_grad()
-def _write(model, feature: dict) -> None:
-    """Write an episode's memory stream into an empty memory (eval mode keeps it for the next call)."""
-    memory = torch.tensor([feature["memory_input_ids"]])
-    model.reset_memory()
-    with model.memory_writes(True):
-        model(
-            input_ids=memory,
-            attention_mask=torch.ones_like(memory),
-            memory_segment_ids=torch.tensor([feature["memory_segment_ids"]]),
-        )
+def _write(model, feature: dict):
+    """Write an episode's memory stream into a new memory and return it."""
+    stream = torch.tensor([feature["memory_input_ids"]])
+    memory = model.new_memory(batch_size=1)
+    model(
+        input_ids=stream,
+        attention_mask=torch.ones_like(stream),
+        memory=memory,
+        memory_segment_ids=torch.tensor([feature["memory_segment_ids"]]),
+    )
+    return memory
 
 
 def _latency(method: Method, builder: FeatureBuilder, episodes: Sequence[SyntheticEpisode]) -> dict:
@@ -291,11 +290,13 @@ def _latency(method: Method, builder: FeatureBuilder, episodes: Sequence[Synthet
                 return _next_token(method, builder.build(episode, "rag", bm25_top_k(episode, method.rag_k)))
         else:
             feature = builder.build(episode, method.view)
+            memory = None
             if method.memory:
-                writes.append(measure(lambda feature=feature: _write(method.model, feature))[1])
+                memory, seconds, _ = measure(lambda feature=feature: _write(method.model, feature))
+                writes.append(seconds)
 
-            def run(feature=feature):
-                return _next_token(method, feature)
+            def run(feature=feature, memory=memory):
+                return _next_token(method, feature, memory)
 
         _, seconds, peak = measure(run)
         times.append(seconds)

@@ -66,7 +66,7 @@ class LocomoRunConfig:
 
 def is_delta_mem_model(model: Any) -> bool:
     """Whether ``model`` is a PEFT model whose active adapter is δ-mem (has the memory API)."""
-    return all(hasattr(model, name) for name in ("reset_memory", "get_memory_state", "set_memory_state"))
+    return hasattr(model, "new_memory")
 
 
 def _message_kwargs(conv: LocomoConversation, role: str) -> dict[str, Any]:
@@ -118,19 +118,21 @@ def _memory_chunks(ids: list[int], segments: list[int], budget: int | None) -> l
 
 
 @torch.no_grad()
-def write_memory(model: Any, ids: list[int], segments: list[int], budget: int | None, device: torch.device) -> int:
-    """Empty the δ-mem memory and write the stream into it; returns the number of forward calls."""
-    model.reset_memory()
+def write_memory(
+    model: Any, ids: list[int], segments: list[int], budget: int | None, device: torch.device
+) -> tuple[Any, int]:
+    """Write the stream into a new δ-mem memory; returns the memory and the number of forward calls."""
+    memory = model.new_memory(batch_size=1)
     chunks = _memory_chunks(ids, segments, budget)
     for chunk_ids, chunk_segments in chunks:
         input_ids = torch.tensor([chunk_ids], device=device)
-        with model.memory_writes(True):
-            model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                memory_segment_ids=torch.tensor([chunk_segments], device=device),
-            )
-    return len(chunks)
+        model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            memory=memory,
+            memory_segment_ids=torch.tensor([chunk_segments], device=device),
+        )
+    return memory, len(chunks)
 
 
 def _prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], max_prompt_tokens: int | None) -> list[int]:
@@ -142,10 +144,13 @@ def _prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], max_prompt_t
 
 
 @torch.no_grad()
-def _generate(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int, device: torch.device) -> str:
+def _generate(
+    model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int, device: torch.device, **memory_kwargs
+) -> str:
     input_ids = torch.tensor([prompt], device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(
+        **memory_kwargs,
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
@@ -172,9 +177,8 @@ def run_conversation(
         memory_tokens = len(ids)
         if delta_mem:
             start = time.perf_counter()
-            write_memory(model, ids, segments, config.write_chunk_tokens, device)
+            snapshot, _ = write_memory(model, ids, segments, config.write_chunk_tokens, device)
             write_s = time.perf_counter() - start
-            snapshot = model.get_memory_state()
         else:
             logger.warning("mode 'memory' without a δ-mem adapter: the history is dropped (no-memory baseline)")
 
@@ -182,13 +186,11 @@ def run_conversation(
     for episode in episodes:
         prompt = _prompt_ids(tokenizer, episode.visible_messages, config.max_prompt_tokens)
         start = time.perf_counter()
-        if delta_mem:
-            if snapshot is not None:
-                model.set_memory_state(snapshot)
-            else:
-                model.reset_memory()
-            with model.memory_writes(False):
-                prediction = _generate(model, tokenizer, prompt, config.max_new_tokens, device)
+        if delta_mem:  # the questions read the written history (or an empty memory) and write nothing
+            memory = snapshot if snapshot is not None else model.new_memory(batch_size=1)
+            prediction = _generate(
+                model, tokenizer, prompt, config.max_new_tokens, device, memory=memory, memory_writes=False
+            )
         else:
             prediction = _generate(model, tokenizer, prompt, config.max_new_tokens, device)
         records.append(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..layer import DeltaMemLayer
 from ..model import DeltaMemModel
-from ..runtime import SEGMENT_IDS_KWARG
+from ..runtime import SEGMENT_IDS_KWARG, CallRecord
 
 MEMORY_COLUMNS = ("memory_input_ids", "memory_attention_mask", "memory_segment_ids")
 _VISIBLE_KEYS = ("input_ids", "attention_mask")
@@ -157,8 +156,8 @@ def measure_memory_health(
 
     The memory stream (``memory_input_ids``, ``memory_attention_mask``, ``memory_segment_ids``) is written into
     an empty memory, then the visible stream (``input_ids``, ``attention_mask``) is read with writes off, as in a
-    training episode but in eval mode (no dropout). The model's memory is emptied afterwards and its train/eval
-    mode restored. Cost: one forward of each stream, no backward.
+    training episode but in eval mode (no dropout), into a memory of its own; the model's train/eval
+    mode is restored. Cost: one forward of each stream, no backward.
 
     Args:
         model: the δ-mem ``PeftModel`` (or its ``DeltaMemModel``).
@@ -175,30 +174,25 @@ def measure_memory_health(
     has_memory = memory_ids is not None and memory_ids.shape[1] > 0
     visible_mask = batch.get("attention_mask")
     with _eval_mode(model):
-        tuner.reset_memory()
+        memory = tuner.new_memory(batch["input_ids"].shape[0], adapter)
+        gates: list[torch.Tensor] = []
+        if has_memory:
+            write = CallRecord(
+                attention_mask=memory_mask,
+                segment_ids=batch.get(SEGMENT_IDS_KWARG),
+                write_mask=None,
+                writes=True,
+                write_gate_stats=gates,
+                memory=memory,
+                memory_version=memory._snapshot()[1],
+            )
+            runtime.run_memory_stream(tuner.model, memory_ids, memory_mask, write)  # commits into `memory`
+        states = memory.states
+        probe = _CorrectionProbe(layers, adapter, visible_mask.bool() if visible_mask is not None else None)
         try:
-            gates: list[torch.Tensor] = []
-            if has_memory:
-                write_kwargs = {"input_ids": memory_ids, "attention_mask": memory_mask}
-                if batch.get(SEGMENT_IDS_KWARG) is not None:
-                    write_kwargs[SEGMENT_IDS_KWARG] = batch[SEGMENT_IDS_KWARG]
-                if "logits_to_keep" in inspect.signature(tuner.model.forward).parameters:
-                    write_kwargs["logits_to_keep"] = 1
-                gates = runtime.track_write_gates()
-                try:
-                    with tuner.memory_writes(True):
-                        model(**_call_kwargs(write_kwargs))
-                finally:
-                    runtime.stop_tracking()
-            states = tuner.get_memory_state(adapter).states
-            probe = _CorrectionProbe(layers, adapter, visible_mask.bool() if visible_mask is not None else None)
-            try:
-                with tuner.memory_writes(False):
-                    model(**_call_kwargs({k: batch.get(k) for k in _VISIBLE_KEYS}))
-            finally:
-                probe.remove()
+            model(**_call_kwargs({k: batch.get(k) for k in _VISIBLE_KEYS}), memory=memory, memory_writes=False)
         finally:
-            tuner.reset_memory()
+            probe.remove()
     return _summarise(layers, gates, states, memory_mask if has_memory else None, probe, visible_mask)
 
 
