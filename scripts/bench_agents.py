@@ -27,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,14 +53,25 @@ def build_parser():
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and argument errors answer here, before anything heavy is imported
 
-import httpx
-
 WORDS = "alice likes teal . we talked about trains bob likes gold then music and lunch later books again".split()
 CONFIGS = {
     "δ-mem memory": ["--window", "{window}"],
     "no memory (same window)": ["--window", "{window}", "--no-memory"],
     "full-history prompting": ["--window", "100000", "--no-memory"],
 }
+
+
+def http(method: str, url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5):
+    """(status, parsed JSON) of one request (standard library only)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
 
 
 def free_port() -> int:
@@ -81,9 +94,9 @@ def start(args, extra: list[str], sessions_dir: Path) -> tuple[subprocess.Popen,
         if process.poll() is not None:
             raise SystemExit(f"the server exited: {process.stderr.read()[-3000:]}")
         try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+            if http("GET", f"{url}/v1/models", timeout=1)[0] == 200:
                 return process, url
-        except httpx.HTTPError:
+        except OSError:
             time.sleep(0.2)
     process.kill()
     raise SystemExit("the server did not start within 300 s")
@@ -107,16 +120,17 @@ def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float)
     lock = threading.Lock()
 
     def session_loop(s: int) -> None:
-        with httpx.Client(timeout=timeout) as client:
-            for t in turns:
-                body = {"messages": [{"role": "user", "content": message(s, t)}], "max_tokens": max_tokens}
-                start = time.perf_counter()
-                response = client.post(f"{url}/v1/chat/completions", json=body, headers={"X-Session-Id": f"s{s}"})
-                elapsed = time.perf_counter() - start
-                with lock:
-                    if response.status_code != 200:
-                        errors.append(response.text)
-                    latencies.append(elapsed)
+        for t in turns:
+            body = {"messages": [{"role": "user", "content": message(s, t)}], "max_tokens": max_tokens}
+            start = time.perf_counter()
+            status, answer = http(
+                "POST", f"{url}/v1/chat/completions", body, {"X-Session-Id": f"s{s}"}, timeout=timeout
+            )
+            elapsed = time.perf_counter() - start
+            with lock:
+                if status != 200:
+                    errors.append(str(answer))
+                latencies.append(elapsed)
 
     threads = [threading.Thread(target=session_loop, args=(s,)) for s in range(sessions)]
     for thread in threads:
@@ -144,7 +158,7 @@ def run_config(args, name: str, extra: list[str], workdir: Path) -> dict:
         down = time.perf_counter()
         process, url = start(args, extra, sessions_dir)
         restart_s = time.perf_counter() - down
-        counts = [httpx.get(f"{url}/v1/sessions/s{s}").json()["messages"] for s in range(args.sessions)]
+        counts = [http("GET", f"{url}/v1/sessions/s{s}")[1]["messages"] for s in range(args.sessions)]
         lost = sum(max(0, 2 * half - c) for c in counts)
         second = time.perf_counter()
         latencies += play(url, args.sessions, range(half, args.turns), args.max_tokens, args.timeout)

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from peft_deltamem import DeltaMemConfig, DeltaMemory
 from peft_deltamem.agents.engine import ChatEngine, GenerationParams, Limits
 from peft_deltamem.agents.session import RequestTooLarge, SessionPolicy, new_messages, plan_turn
 from peft_deltamem.agents.store import DirectoryStore, InvalidSessionId, SessionBusy, SessionRecord
-from peft_deltamem.recall_task import NOISE, VALUES, build_tokenizer
+from peft_deltamem.recall_task import build_tokenizer
 from peft_deltamem.tiny_models import tiny_model
 
 USER_TURNS = [
@@ -182,7 +181,7 @@ def test_a_failed_turn_changes_nothing(model, tokenizer, tmp_path, one_thread, m
 
 def test_resume_in_a_fresh_process_gives_the_uninterrupted_reply(model, tokenizer, tmp_path, one_thread):
     model.save_pretrained(tmp_path / "adapter")
-    model.get_base_model().save_pretrained(tmp_path / "base")
+    tiny_model("llama", seed=0, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")  # the same weights
     tokenizer.save_pretrained(tmp_path / "base")
     uninterrupted = engine_for(model, tokenizer, tmp_path / "u")
     expected = run_turns(uninterrupted, "s")
@@ -217,8 +216,9 @@ def test_resume_in_a_fresh_process_gives_the_uninterrupted_reply(model, tokenize
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected[-1]
-    for name, state in memory_of(uninterrupted, "s").items():
-        assert torch.equal(DeltaMemory.from_bytes(DirectoryStore(tmp_path / "r").load("s").memory).states[name], state)
+    resumed = DeltaMemory.from_bytes(DirectoryStore(tmp_path / "r").load("s").memory).states
+    for name, state in memory_of(uninterrupted, "s").items():  # another process: equal up to float rounding
+        torch.testing.assert_close(resumed[name], state, atol=1e-6, rtol=1e-5)
     uninterrupted.close()
 
 
@@ -306,7 +306,3 @@ def test_chat_cli_reads_turns_from_a_file(tmp_path):
     assert stats[0]["messages"] == 2 and stats[0]["turns"] == 1
     assert stats[1]["messages"] == 0  # after /reset
     assert "(session reset" in done.stdout
-    assert NOISE and VALUES  # the turns above use the embedded model's vocabulary
-
-
-_ = Path

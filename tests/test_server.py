@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-import httpx
+import httpx2 as httpx
 import pytest
 import torch
 from openai import BadRequestError, OpenAI
@@ -35,12 +35,12 @@ def saved_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(root / "base")  # before δ-mem wraps it
+    tokenizer.save_pretrained(root / "base")
     base = tiny_model("llama", vocab_size=len(tokenizer))
     base.generation_config.eos_token_id = tokenizer.eos_token_id
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
     model.save_pretrained(root / "adapter")
-    model.get_base_model().save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
     return root, model, tokenizer
 
 

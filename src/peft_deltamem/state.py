@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 FORMAT = "peft-deltamem/memory"
 FORMAT_VERSION = 2
@@ -219,6 +220,45 @@ class DeltaMemory:
         fields["weights_hash"] = self.weights_hash
         return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fields": json.dumps(fields)}
 
+    def to_bytes(self) -> bytes:
+        """The memory as the bytes of a safetensors file (what :meth:`save` writes; for stores such as Redis)."""
+        with self._lock:
+            tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._states.items()}
+            metadata = self.metadata()
+        return safetensors_save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: str | torch.device = "cpu", source: str = "memory bytes") -> DeltaMemory:
+        """Read bytes written by :meth:`to_bytes`; raises ``ValueError`` for bytes that are not a δ-mem memory.
+
+        The adapter-weights fingerprint is compared with the model's at the first call that uses the memory.
+        """
+        try:
+            metadata = _safetensors_metadata(data)
+            tensors = {name: t.to(device) for name, t in safetensors_load(data).items()}
+        except (SafetensorError, ValueError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{source} are not a readable safetensors file ({err}); truncated or corrupted?") from err
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{source} hold a safetensors file but not a δ-mem memory (no '{FORMAT}' metadata).")
+        if metadata.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(
+                f"{source} have memory format version {metadata.get('format_version')}; this peft-deltamem reads "
+                f"version {FORMAT_VERSION}. Upgrade peft-deltamem."
+            )
+        try:
+            fields = json.loads(metadata["fields"])
+            kwargs = {name: fields[name] for name in _DESCRIPTOR}
+            kwargs["r"], kwargs["num_state_heads"] = int(kwargs["r"]), int(kwargs["num_state_heads"])
+            kwargs["hidden_size"] = int(kwargs["hidden_size"])
+            weights_hash = fields["weights_hash"]
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+            raise ValueError(f"{source} have damaged memory metadata ({err!r}).") from err
+        if not tensors:
+            raise ValueError(f"{source} hold no layer states.")
+        memory = cls(**kwargs, weights_hash=weights_hash, states=tensors)
+        memory._weights_checked = False
+        return memory
+
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write the memory to a safetensors file (atomically; refuses to replace a file unless ``overwrite``)."""
         if not isinstance(overwrite, bool):
@@ -227,13 +267,11 @@ class DeltaMemory:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._states.items()}
-            metadata = self.metadata()
+        data = self.to_bytes()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -248,34 +286,17 @@ class DeltaMemory:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No memory file at {path}.")
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({err}); was it truncated or corrupted?"
-            ) from err
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is a safetensors file but not a δ-mem memory (no '{FORMAT}' metadata).")
-        if metadata.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(
-                f"{path} has memory format version {metadata.get('format_version')}; this peft-deltamem reads "
-                f"version {FORMAT_VERSION}. Upgrade peft-deltamem."
-            )
-        try:
-            fields = json.loads(metadata["fields"])
-            kwargs = {name: fields[name] for name in _DESCRIPTOR}
-            kwargs["r"], kwargs["num_state_heads"] = int(kwargs["r"]), int(kwargs["num_state_heads"])
-            kwargs["hidden_size"] = int(kwargs["hidden_size"])
-            weights_hash = fields["weights_hash"]
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} has damaged memory metadata ({err!r}).") from err
-        if not tensors:
-            raise ValueError(f"{path} holds no layer states.")
-        memory = cls(**kwargs, weights_hash=weights_hash, states=tensors)
-        memory._weights_checked = False
-        return memory
+        return cls.from_bytes(path.read_bytes(), device=device, source=str(path))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise ValueError(f"header of {length} bytes in {len(data)} bytes of data")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
 def all_finite(tensors) -> bool:

@@ -94,7 +94,7 @@ class DirectoryStore(SessionStore):
 
     A save writes a new memory file, then atomically replaces ``session.json`` (which names that file), then
     removes the previous memory file: a crash at any point leaves a consistent session. The lock is an
-    ``fcntl`` lock on ``<root>/<id>/.lock`` (threads and processes on one machine).
+    ``fcntl`` lock on ``<root>/.locks/<id>.lock`` (threads and processes on one machine).
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -129,7 +129,7 @@ class DirectoryStore(SessionStore):
 
     def delete(self, session_id: str) -> bool:
         folder = self._dir(session_id)
-        if not folder.is_dir():
+        if not (folder / "session.json").is_file():
             return False
         shutil.rmtree(folder)
         return True
@@ -139,9 +139,9 @@ class DirectoryStore(SessionStore):
 
     @contextlib.contextmanager
     def lock(self, session_id: str, timeout: float | None = None) -> Iterator[None]:
-        folder = self._dir(session_id)
-        folder.mkdir(exist_ok=True)
-        with open(folder / ".lock", "a+") as handle:  # a separate open file: flock also excludes other threads
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"{check_session_id(session_id)}.lock", "a+") as handle:  # a separate open file: flock also excludes other threads
             _flock(handle, session_id, timeout)
             try:
                 yield
