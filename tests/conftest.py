@@ -40,6 +40,20 @@ def skip_or_fail_in_ci(message: str):
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory):
+    """The demo's outputs (trained tiny backbone, adapter, session memory) and its summary, made once."""
+    from peft_deltamem.demo import main
+
+    out = tmp_path_factory.mktemp("demo_output")
+    threads = torch.get_num_threads()
+    try:
+        summary = main(["--output-dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the demo runs single-threaded; leave the other tests as they were
+    return out, summary
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run several times faster on one thread, much more so on a busy machine."""

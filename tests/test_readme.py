@@ -1,4 +1,4 @@
-"""The README's quickstart runs as written."""
+"""The README's quickstart runs as written (after the demo, as the README says) and shows memory at work."""
 
 import re
 from pathlib import Path
@@ -6,13 +6,15 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_quickstart_runs_as_written(tmp_path, monkeypatch):
+def test_quickstart_runs_as_written_and_the_memory_changes_the_answer(tmp_path, monkeypatch, demo_output):
     text = README.read_text()
     quickstart = text[text.index("## Quickstart") :]
     code = re.search(r"```python\n(.*?)```", quickstart, re.S).group(1)
+    (tmp_path / "demo_output").symlink_to(demo_output[0])
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README quickstart", "exec"), namespace)
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    tok = namespace["tok"]
+    assert tok.decode(namespace["answer"][0, -1]) == "teal"  # recalled from memory
+    assert tok.decode(namespace["no_memory"][0, -1]) != "teal"  # without the memory the fact is gone
     assert (tmp_path / "session.safetensors").is_file()
-    assert namespace["out"].shape == (1, 4)
