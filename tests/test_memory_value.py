@@ -239,6 +239,8 @@ def test_booleans_are_checked():
     with pytest.raises(TypeError, match="memory_writes must be True or False"):
         model.generate(input_ids=random_ids(1, 4), memory=memory, memory_writes=0, max_new_tokens=1)
     assert memory.is_empty
+    with pytest.raises(ValueError, match="write_generated_tokens.*True or False"):
+        DeltaMemConfig(write_generated_tokens="no")
 
 
 # ------------------------------------------------------------------------------------------------ rows
