@@ -239,6 +239,8 @@ def test_booleans_are_checked():
     with pytest.raises(TypeError, match="memory_writes must be True or False"):
         model.generate(input_ids=random_ids(1, 4), memory=memory, memory_writes=0, max_new_tokens=1)
     assert memory.is_empty
+    with pytest.raises(ValueError, match="write_generated_tokens.*True or False"):
+        DeltaMemConfig(write_generated_tokens="no")
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -412,7 +414,7 @@ def beam_loop(model, prompt, memory, beams, steps=NEW):
             memory = memory.select(beam_idx)
             sequences = torch.cat([sequences[beam_idx], token[:, None]], 1)
             scores, step = top, token[:, None]
-    return sequences[scores.argmax()][prompt.shape[1] :]
+    return sequences[:, prompt.shape[1] :], scores  # best first (topk sorts)
 
 
 def test_beam_search_equals_a_hand_written_beam_loop_and_keeps_the_prompt_state():
@@ -422,8 +424,20 @@ def test_beam_search_equals_a_hand_written_beam_loop_and_keeps_the_prompt_state(
     memory = written(model)
     start = memory.clone()
     with torch.no_grad():
-        out = model.generate(input_ids=prompt, max_new_tokens=NEW, num_beams=3, do_sample=False, memory=memory)
-    assert torch.equal(out[0, 6:], beam_loop(model, prompt, start.clone(), beams=3))
+        out = model.generate(
+            input_ids=prompt,
+            max_new_tokens=NEW,
+            num_beams=3,
+            do_sample=False,
+            memory=memory,
+            output_scores=True,
+            return_dict_in_generate=True,
+            num_return_sequences=3,  # every final beam, not only the best (whose lineage may never move)
+        )
+    tokens, scores = beam_loop(model, prompt, start.clone(), beams=3)
+    assert torch.equal(out.sequences[:, 6:], tokens)
+    # a beam's score sums every step's log-probability: each beam must have read its own (reordered) memory
+    torch.testing.assert_close(out.sequences_scores, scores / NEW, atol=1e-5, rtol=0)
     prompt_only = start.clone()
     with torch.no_grad():
         model(input_ids=prompt, memory=prompt_only)
@@ -499,3 +513,36 @@ def test_generate_batch_must_match_the_memory_rows():
     with pytest.raises(ValueError, match="runs 3 rows but the memory has 2"):
         model.generate(input_ids=random_ids(3, 4), memory=memory, max_new_tokens=2)
     assert memory.is_empty
+
+
+@pytest.mark.parametrize("granularity", ["token", "segment"])
+def test_generate_applies_prompt_write_masks_and_segment_ids(granularity):
+    model = gen_model(write_granularity=granularity, write_generated_tokens=False)
+    prompt = random_ids(2, 8)
+    write_mask = torch.ones_like(prompt, dtype=torch.bool)
+    write_mask[:, 5:] = False
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]] * 2)
+    extra = {"memory_segment_ids": segments} if granularity == "segment" else {}
+    generated, forward = model.new_memory(2), model.new_memory(2)
+    with torch.no_grad():
+        model.generate(
+            input_ids=prompt, max_new_tokens=3, do_sample=False, memory=generated, memory_write_mask=write_mask, **extra
+        )
+        model(input_ids=prompt, memory=forward, memory_write_mask=write_mask, **extra)
+    assert not forward.is_empty
+    assert states_equal(generated.states, forward.states, atol=1e-6)
+    unmasked = model.new_memory(2)
+    with torch.no_grad():
+        model(input_ids=prompt, memory=unmasked, **extra)
+    assert not states_equal(unmasked.states, forward.states, atol=1e-6)
+
+
+def test_generate_under_inference_mode_then_a_training_call():
+    model = gen_model()
+    memory = model.new_memory(1)
+    with torch.inference_mode():
+        model.generate(input_ids=random_ids(1, 5), max_new_tokens=3, memory=memory)
+    model.train()
+    ids = random_ids(1, 4, seed=1)
+    model(input_ids=ids, labels=ids, memory=memory).loss.backward()
+    assert not memory.is_empty
