@@ -185,8 +185,6 @@ class DeltaMemConfig(PeftConfig):
                     "projection_names",
                     "give 'o' and either 'q', 'k', 'v' or a fused 'qkv', e.g. {'qkv': 'qkv_proj', 'o': 'o_proj'}.",
                 )
-        if not isinstance(self.write_generated_tokens, bool):
-            raise bad("write_generated_tokens", "must be True or False.")
         for name in ("write_sparsity_weight", "write_sparsity_target"):
             if not real(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0.")

@@ -141,7 +141,8 @@ class DirectoryStore(SessionStore):
     def lock(self, session_id: str, timeout: float | None = None) -> Iterator[None]:
         locks = self.root / ".locks"
         locks.mkdir(exist_ok=True)
-        with open(locks / f"{check_session_id(session_id)}.lock", "a+") as handle:  # a separate open file: flock also excludes other threads
+        # a separate open file per holder: flock then also excludes other threads of this process
+        with open(locks / f"{check_session_id(session_id)}.lock", "a+") as handle:
             _flock(handle, session_id, timeout)
             try:
                 yield
