@@ -306,3 +306,14 @@ def test_chat_cli_reads_turns_from_a_file(tmp_path):
     assert stats[0]["messages"] == 2 and stats[0]["turns"] == 1
     assert stats[1]["messages"] == 0  # after /reset
     assert "(session reset" in done.stdout
+
+
+def test_a_fresh_adapter_is_the_same_in_every_process_so_stored_memories_stay_valid():
+    from peft_deltamem.agents.models import load_chat_model
+
+    torch.manual_seed(123)
+    first, _, _ = load_chat_model()
+    torch.manual_seed(456)  # whatever the caller's random state
+    second, _, _ = load_chat_model()
+    a, b = first.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "delta_mem_" in k)

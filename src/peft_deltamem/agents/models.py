@@ -21,7 +21,9 @@ def load_chat_model(
     ``model=None`` loads the embedded default: a tiny Llama built locally with the recall task's word-level chat
     tokenizer (no downloads; for trying the runtime, not for conversation quality). Otherwise ``model`` is a
     local directory or Hub id (``gguf_file`` for GGUF checkpoints) and ``adapter`` a δ-mem adapter directory or
-    Hub id; without ``adapter`` a fresh δ-mem adapter is attached (an exact no-op until trained).
+    Hub id. Without ``adapter`` a fresh δ-mem adapter is attached, initialised from seed 0 so that every process
+    builds the same one (stored memories stay valid across restarts); its Δ heads are zero, so replies equal the
+    base model's until an adapter is trained.
     """
     import torch
     from peft import PeftModel, get_peft_model
@@ -52,6 +54,8 @@ def load_chat_model(
         peft_model = PeftModel.from_pretrained(base, adapter)
         name = f"{name}+{adapter}"
     else:
-        peft_model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            peft_model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
         logger.warning("no --adapter: a fresh, untrained δ-mem adapter is attached (it changes nothing until trained)")
     return peft_model.eval(), tok, name
