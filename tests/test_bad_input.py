@@ -1,0 +1,333 @@
+"""Bad input and faults (issue 11, part 2): each gets a clear error naming the input, or correct behaviour.
+
+Security first: an adapter file cannot change the frozen base. Then refused models and double adapters,
+shapes and ids of a call, materialising a meta base, offload, peft conventions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import make_peft, random_ids
+from peft_deltamem import DeltaMemConfig, DeltaMemLayer
+from peft_deltamem.model import _on_model_call
+from peft_deltamem.tiny_models import tiny_model
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bit_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert not changed, changed
+
+
+def _clean(model: nn.Module) -> None:
+    """Nothing of δ-mem left: no layer, no hook, no peft_config, no new_memory."""
+    assert not any(isinstance(m, DeltaMemLayer) for m in model.modules())
+    hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
+    assert not any(getattr(h, "func", None) is _on_model_call for h in hooks)
+    assert "new_memory" not in model.__dict__
+    assert "peft_config" not in model.__dict__
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bad_input") / "adapter"
+    make_peft(tiny_model("llama")).save_pretrained(directory)
+    return directory
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved, tmp_path / "adapter"))
+
+
+def _add_tensors(directory: Path, **tensors: torch.Tensor) -> None:
+    path = directory / WEIGHTS
+    save_file({**load_file(path), **tensors}, path)
+
+
+# ------------------------------------------------------------------------------------------- security
+
+
+def test_adapter_file_with_a_base_weight_is_refused_and_the_base_is_unchanged(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    _add_tensors(directory, **{"base_model.model.model.embed_tokens.weight": torch.zeros(128, 64)})
+    base = tiny_model("llama")
+    before = _state(base)
+    with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.weight.*overwrite the frozen base"):
+        PeftModel.from_pretrained(base, directory)
+    _assert_bit_identical(base, before)
+    _clean(base)
+
+
+def test_adapter_file_with_a_base_weight_is_refused_by_load_adapter_on_a_peft_model(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    _add_tensors(directory, **{"base_model.model.lm_head.weight": torch.zeros(128, 64)})
+    model = make_peft(tiny_model("llama"))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"lm_head\.weight"):
+        model.load_adapter(directory, adapter_name="other")
+    _assert_bit_identical(model, before)
+    assert list(model.peft_config) == ["default"]  # the refused adapter is gone, the first one stays
+
+
+def test_adapter_file_with_a_base_weight_is_refused_by_transformers_load_adapter(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    _add_tensors(directory, **{"base_model.model.model.norm.weight": torch.zeros(64)})
+    base = tiny_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.norm\.weight"):
+        base.load_adapter(str(directory))
+    _clean(base)
+    _assert_bit_identical(base, before)
+    assert not base._hf_peft_config_loaded
+
+
+def test_declared_modules_to_save_still_load(tmp_path):
+    model = make_peft(tiny_model("llama"), modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    expected = model.base_model.model.lm_head.modules_to_save["default"].weight
+    assert torch.equal(loaded.base_model.model.lm_head.modules_to_save["default"].weight, expected)
+
+
+# ------------------------------------------------------------------------------ double adapters, clean-up
+
+
+def test_get_peft_model_on_a_peft_model_is_refused():
+    model = make_peft(tiny_model("llama"))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"already a PeftModel.*add_adapter"):
+        get_peft_model(model, DeltaMemConfig())
+    _assert_bit_identical(model, before)
+
+
+def test_get_peft_model_on_an_adapted_base_is_refused():
+    base = tiny_model("llama")
+    first = make_peft(base)
+    before = _state(first)
+    with pytest.raises(ValueError, match=r"already carries δ-mem adapter.*\['default'\].*fresh copy"):
+        get_peft_model(base, DeltaMemConfig(), adapter_name="second")
+    _assert_bit_identical(first, before)
+    assert list(first.peft_config) == ["default"]
+
+
+def test_second_get_peft_model_with_the_same_name_does_not_reinitialise_the_trained_adapter():
+    base = tiny_model("llama")
+    first = make_peft(base)
+    config = first.peft_config["default"]
+    before = _state(first)
+    with pytest.raises(ValueError, match=r"Cannot add δ-mem adapter 'default'"):
+        get_peft_model(base, DeltaMemConfig(r=4))
+    _assert_bit_identical(first, before)
+    assert first.peft_config["default"] is config
+
+
+def test_add_adapter_on_the_same_peft_model_still_works():
+    model = make_peft(tiny_model("llama"))
+    model.add_adapter("second", DeltaMemConfig(init_weights=False))
+    model.set_adapter("second")
+    memory = model.new_memory(1)
+    model(random_ids(1, 5), memory=memory)
+    assert memory.adapter_name == "second"
+
+
+def test_failed_from_pretrained_leaves_the_base_clean(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))  # weights say r=8
+    base = tiny_model("llama")
+    before = _state(base)
+    with pytest.raises(ValueError, match=r"does not fit the base model"):
+        PeftModel.from_pretrained(base, directory)
+    _clean(base)
+    _assert_bit_identical(base, before)
+    PeftModel.from_pretrained(base, saved)  # the base is usable again
+
+
+def test_corrupt_safetensors_names_the_problem(saved, tmp_path):
+    """Raised inside peft/safetensors before δ-mem code runs: the error is safetensors' own."""
+    directory = _copy(saved, tmp_path)
+    path = directory / WEIGHTS
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(Exception, match=r"(?i)header") as info:
+        PeftModel.from_pretrained(tiny_model("llama"), directory)
+    assert not isinstance(info.value, (AttributeError, TypeError, KeyError, IndexError))
+
+
+# ------------------------------------------------------------------------------------- model does not fit
+
+
+def test_llama_adapter_on_gpt2_says_it_does_not_fit(saved):
+    base = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"does not fit the base model.*'attn'.*target_modules=\['self_attn'\]"):
+        PeftModel.from_pretrained(base, saved)
+    _clean(base)
+
+
+def test_wrong_target_modules_on_get_peft_model_names_them():
+    with pytest.raises(ValueError, match=r"'self_attn'.*target_modules=\['attention_block'\]"):
+        get_peft_model(tiny_model("llama"), DeltaMemConfig(target_modules=["attention_block"]))
+
+
+def test_r_larger_than_the_hidden_size_is_refused_without_allocating():
+    with pytest.raises(ValueError, match=r"r=100000 is larger than the hidden size.*\(64\)"):
+        get_peft_model(tiny_model("llama"), DeltaMemConfig(r=100000))
+
+
+def test_r_equal_to_the_hidden_size_is_accepted():
+    get_peft_model(tiny_model("llama", hidden_size=32), DeltaMemConfig(r=32, num_state_heads=1))
+
+
+class _NoKwargsLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(8, 8))
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+def test_model_whose_forward_takes_no_kwargs_is_refused():
+    model = _NoKwargsLM()
+    with pytest.raises(ValueError, match=r"_NoKwargsLM: its forward\(\) takes no \*\*kwargs.*transformers causal LMs"):
+        get_peft_model(model, DeltaMemConfig(target_modules=["self_attn"]))
+    assert not any(isinstance(m, DeltaMemLayer) for m in model.modules())
+
+
+def test_disk_offloaded_base_is_refused_up_front():
+    base = tiny_model("llama")
+    base.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match=r"offloaded to disk.*model\.layers.*without disk offload"):
+        get_peft_model(base, DeltaMemConfig())
+    _clean(base)
+
+
+# ------------------------------------------------------------------------------------------- call inputs
+
+
+@pytest.fixture(scope="module")
+def peft_llama():
+    return make_peft(tiny_model("llama"))
+
+
+def test_empty_input_is_refused(peft_llama):
+    with pytest.raises(ValueError, match=r"input_ids has shape \(1, 0\).*no tokens"):
+        peft_llama(input_ids=torch.zeros(1, 0, dtype=torch.long), memory=peft_llama.new_memory(1))
+
+
+def test_attention_mask_longer_than_the_input_without_a_cache_is_refused(peft_llama):
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 9\) but input_ids has 6 tokens"):
+        peft_llama(input_ids=random_ids(1, 6), attention_mask=torch.ones(1, 9, dtype=torch.long))
+
+
+def test_memory_attention_mask_without_memory_input_ids_is_refused(peft_llama):
+    with pytest.raises(ValueError, match=r"memory_attention_mask was passed without memory_input_ids"):
+        peft_llama(input_ids=random_ids(1, 6), memory_attention_mask=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_memory_attention_mask_wider_than_the_memory_stream_is_refused(peft_llama):
+    with pytest.raises(ValueError, match=r"memory_attention_mask has shape \(1, 7\) but memory_input_ids has shape"):
+        peft_llama(
+            input_ids=random_ids(1, 6),
+            memory_input_ids=random_ids(1, 5),
+            memory_attention_mask=torch.ones(1, 7, dtype=torch.long),
+        )
+
+
+@pytest.mark.parametrize("bad", [128, 5000, -1])
+def test_out_of_vocabulary_ids_are_refused(peft_llama, bad):
+    ids = random_ids(1, 6)
+    ids[0, 3] = bad
+    with pytest.raises(ValueError, match=rf"input_ids contains token id {bad}, outside the model's vocabulary"):
+        peft_llama(input_ids=ids, memory=peft_llama.new_memory(1))
+
+
+def test_out_of_vocabulary_memory_stream_is_refused(peft_llama):
+    stream = random_ids(1, 6)
+    stream[0, 0] = 999
+    with pytest.raises(ValueError, match=r"memory_input_ids contains token id 999"):
+        peft_llama(input_ids=random_ids(1, 6), memory_input_ids=stream)
+
+
+def test_a_refused_call_leaves_the_memory_unchanged(peft_llama):
+    memory = peft_llama.new_memory(1)
+    peft_llama(input_ids=random_ids(1, 6), memory=memory)
+    before = {k: v.clone() for k, v in memory.states.items()}
+    ids = random_ids(1, 6)
+    ids[0, 1] = 10_000
+    with pytest.raises(ValueError):
+        peft_llama(input_ids=ids, memory=memory)
+    assert all(torch.equal(memory.states[k], v) for k, v in before.items())
+
+
+# --------------------------------------------------------------------------------------- meta, to_empty
+
+
+def test_meta_base_materialised_with_to_empty_initialises_the_memory_parameters():
+    with torch.device("meta"):
+        base = tiny_model("llama")
+    model = get_peft_model(base, DeltaMemConfig(beta_bias_init=-3.0))
+    model.to_empty(device="cpu")
+    for layer in (m for m in model.modules() if isinstance(m, DeltaMemLayer)):
+        assert torch.equal(layer.delta_mem_beta_bias["default"], torch.full_like(layer.delta_mem_beta_bias["default"], -3.0))
+        assert torch.count_nonzero(layer.delta_mem_out["default"].weight) == 0  # init_weights=True: a no-op
+        width = layer.settings["default"].width
+        write = layer.delta_mem_write["default"].weight
+        assert torch.count_nonzero(write[3 * width :]) == 0
+        assert write[: 3 * width].abs().max() <= 1 / 64**0.5
+
+
+def test_to_empty_of_a_materialised_model_does_not_reinitialise():
+    model = make_peft(tiny_model("llama"))
+    layer = next(m for m in model.modules() if isinstance(m, DeltaMemLayer))
+    with torch.no_grad():
+        layer.delta_mem_beta_bias["default"].fill_(7.0)
+    model.cpu()
+    assert torch.all(layer.delta_mem_beta_bias["default"] == 7.0)
+
+
+# ------------------------------------------------------------------------------------- peft conventions
+
+
+def test_layer_has_in_and_out_features():
+    model = make_peft(tiny_model("llama"))
+    layer = next(m for m in model.modules() if isinstance(m, DeltaMemLayer))
+    assert (layer.in_features, layer.out_features) == (64, 64)
+    gpt2 = make_peft(tiny_model("gpt2"))
+    layer = next(m for m in gpt2.modules() if isinstance(m, DeltaMemLayer))
+    assert (layer.in_features, layer.out_features) == (64, 64)
+
+
+def test_unmerge_adapter_when_nothing_is_merged_warns():
+    model = make_peft(tiny_model("llama"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.base_model.unmerge_adapter()
+    assert any("Already unmerged" in str(w.message) for w in caught)
+
+
+def test_merge_adapter_is_still_refused():
+    model = make_peft(tiny_model("llama"))
+    with pytest.raises(NotImplementedError, match=r"cannot be merged"):
+        model.merge_adapter()
