@@ -331,3 +331,22 @@ def test_merge_adapter_is_still_refused():
     model = make_peft(tiny_model("llama"))
     with pytest.raises(NotImplementedError, match=r"cannot be merged"):
         model.merge_adapter()
+
+
+# ------------------------------------------------------------------------------------- corrupt configs
+
+
+def test_non_json_adapter_config_is_named(saved, tmp_path):
+    """DeltaMemConfig.from_pretrained names the file (PeftModel.from_pretrained reads it in peft first)."""
+    directory = _copy(saved, tmp_path)
+    (directory / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON.*corrupt"):
+        DeltaMemConfig.from_pretrained(directory)
+
+
+def test_tampered_peft_type_is_named(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "DELTA_MEMX"}))
+    with pytest.raises(ValueError, match=r"peft_type='DELTA_MEMX', not 'DELTA_MEM'"):
+        DeltaMemConfig.from_pretrained(directory)

@@ -202,6 +202,13 @@ class DeltaMemConfig(PeftConfig):
     @classmethod
     def from_peft_type(cls, **kwargs):
         """Build the config from saved keys; an unknown key is an error (peft would warn and use the default)."""
+        peft_type = kwargs.get("peft_type")
+        if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "DELTA_MEM":
+            raise ValueError(
+                f"The adapter config has peft_type={getattr(peft_type, 'value', peft_type)!r}, not 'DELTA_MEM': it is "
+                "not a δ-mem adapter config (or its peft_type was edited). Load it with its own PEFT method, or fix "
+                "adapter_config.json to peft_type 'DELTA_MEM'."
+            )
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -215,6 +222,17 @@ class DeltaMemConfig(PeftConfig):
                 "the adapter was saved by a newer version)."
             )
         return super().from_peft_type(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """Read adapter_config.json; a file that is not JSON is named in the error."""
+        try:
+            return super().from_json_file(path_json_file, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path_json_file} is not valid JSON ({error}); the adapter config is corrupt. Save the adapter "
+                "again with model.save_pretrained() or restore the file."
+            ) from error
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
