@@ -290,7 +290,8 @@ def test_meta_base_materialised_with_to_empty_initialises_the_memory_parameters(
     model = get_peft_model(base, DeltaMemConfig(beta_bias_init=-3.0))
     model.to_empty(device="cpu")
     for layer in (m for m in model.modules() if isinstance(m, DeltaMemLayer)):
-        assert torch.equal(layer.delta_mem_beta_bias["default"], torch.full_like(layer.delta_mem_beta_bias["default"], -3.0))
+        bias = layer.delta_mem_beta_bias["default"]
+        assert torch.equal(bias, torch.full_like(bias, -3.0))
         assert torch.count_nonzero(layer.delta_mem_out["default"].weight) == 0  # init_weights=True: a no-op
         width = layer.settings["default"].width
         write = layer.delta_mem_write["default"].weight
@@ -350,3 +351,31 @@ def test_tampered_peft_type_is_named(saved, tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "DELTA_MEMX"}))
     with pytest.raises(ValueError, match=r"peft_type='DELTA_MEMX', not 'DELTA_MEM'"):
         DeltaMemConfig.from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------- Trainer, no stream
+
+
+def test_memory_health_callback_refuses_training_batches_without_a_memory_stream(tmp_path, one_thread):
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from conftest import cpu_training_args
+    from peft_deltamem.training import MemoryHealthCallback
+
+    rows = [{"input_ids": random_ids(1, 8, seed=i)[0].tolist()} for i in range(4)]
+
+    def plain_collator(features):  # what a language-modelling collator gives: no memory_input_ids
+        ids = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    model = make_peft(tiny_model("llama"))
+    model.train()
+    trainer = Trainer(
+        model=model, args=cpu_training_args(tmp_path, max_steps=1, per_device_train_batch_size=2),
+        train_dataset=Dataset.from_list(rows), data_collator=plain_collator, callbacks=[MemoryHealthCallback()],
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"training batch reached the δ-mem model without a memory stream"):
+        trainer.train()
+    assert all(torch.equal(dict(model.named_parameters())[n], v) for n, v in before.items())

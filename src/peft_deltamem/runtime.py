@@ -259,6 +259,14 @@ class MemoryRuntime:
         elif generation is not None and adapters:
             generation.prepare(record, kwargs)
         elif adapters:
+            if kwargs.get("fused_lm_head") and module.training and torch.is_grad_enabled():
+                raise ValueError(
+                    "TRL's SFTTrainer is training this δ-mem model on a batch without a memory stream (no "
+                    "memory_input_ids, no memory=): its default collator feeds plain chats, so the adapter would "
+                    "never learn to read a memory written from other text. Build episodes with episodes_map_fn, and "
+                    "pass data_collator=DeltaMemDataCollator(tokenizer), SFTConfig(remove_unused_columns=False, "
+                    "dataset_kwargs={'skip_prepare_dataset': True}); see docs/training.md, 'TRL'."
+                )
             past = kwargs.get("past_key_values")
             if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
                 raise ValueError(
@@ -331,6 +339,14 @@ class MemoryRuntime:
         self._local.record = record.previous
         record.previous = None
         if record.loss_terms:
+            if kwargs.get("fused_lm_head"):
+                raise ValueError(
+                    "write_sparsity_weight > 0 does not work under TRL's SFTTrainer: it calls the model with "
+                    "fused_lm_head=True and computes the loss from the returned log-probabilities, so the "
+                    "write-sparsity penalty δ-mem adds to the model's loss would be silently dropped. Set "
+                    "DeltaMemConfig(write_sparsity_weight=0.0) for SFTTrainer, or train with transformers.Trainer "
+                    "(docs/training.md, 'TRL')."
+                )
             output = _add_loss_terms(output, record.loss_terms, kwargs)
         if record.memory is not None:
             self.commit(record.memory, record.memory_version, record.final_states)
