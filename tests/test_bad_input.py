@@ -215,6 +215,22 @@ def test_model_whose_forward_takes_no_kwargs_is_refused():
     assert not any(isinstance(m, DeltaMemLayer) for m in model.modules())
 
 
+def test_from_pretrained_onto_a_disk_offloaded_base_is_refused_clearly(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    device_map = {
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+        "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+    }
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=device_map, offload_folder=tmp_path / "off"
+    )
+    with pytest.raises(ValueError, match=r"offloaded to disk \(device_map puts \['model\.layers\.1'\] on 'disk'\)"):
+        PeftModel.from_pretrained(base, saved)
+    assert not any(isinstance(m, DeltaMemLayer) for m in base.modules())
+
+
 def test_disk_offloaded_base_is_refused_up_front():
     base = tiny_model("llama")
     base.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}
