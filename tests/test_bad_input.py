@@ -395,3 +395,55 @@ def test_memory_health_callback_refuses_training_batches_without_a_memory_stream
     with pytest.raises(ValueError, match=r"training batch reached the δ-mem model without a memory stream"):
         trainer.train()
     assert all(torch.equal(dict(model.named_parameters())[n], v) for n, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------ more cases
+
+
+def test_adapter_file_with_a_tensor_for_no_module_is_refused(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    _add_tensors(directory, **{"base_model.model.evil.weight": torch.zeros(3)})
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) that are not δ-mem.*base_model\.model\.evil\.weight"):
+        PeftModel.from_pretrained(base, directory)
+    _clean(base)
+
+
+def test_saved_r_above_the_hidden_size_is_refused_and_the_base_stays_clean(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": 1000}))
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"r=1000 is larger than the hidden size"):
+        PeftModel.from_pretrained(base, directory)
+    _clean(base)
+
+
+def test_gpt2_adapter_through_transformers_load_adapter_on_llama_does_not_fit(tmp_path):
+    make_peft(tiny_model("gpt2")).save_pretrained(tmp_path)
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"does not fit the base model.*target_modules=\['attn'\]"):
+        base.load_adapter(str(tmp_path))
+    assert not any(isinstance(m, DeltaMemLayer) for m in base.modules())
+
+
+def test_memory_attention_mask_that_is_not_a_tensor_is_refused(peft_llama):
+    with pytest.raises(ValueError, match=r"memory_attention_mask must be a 2-D \(batch, length\) tensor, got list"):
+        peft_llama(input_ids=random_ids(1, 6), memory_input_ids=random_ids(1, 4), memory_attention_mask=[[1, 1, 1, 1]])
+
+
+def test_out_of_vocabulary_prompt_is_refused_by_generate(peft_llama):
+    ids = random_ids(1, 6)
+    ids[0, 2] = 128
+    with pytest.raises(ValueError, match=r"token id 128, outside the model's vocabulary \(0\.\.127\)"):
+        peft_llama.generate(input_ids=ids, memory=peft_llama.new_memory(1), max_new_tokens=2)
+
+
+def test_generate_with_a_mask_still_works_after_the_new_checks(peft_llama):
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    out = peft_llama.generate(
+        input_ids=ids, attention_mask=mask, memory=peft_llama.new_memory(2), max_new_tokens=3, do_sample=False
+    )
+    assert out.shape == (2, 9)
