@@ -247,6 +247,7 @@ class DeltaMemConfig(PeftConfig):
                     f"{directory} holds a δ-mem adapter_config.json but no adapter weights ({' or '.join(weights)}); "
                     "the adapter directory is incomplete. Save it again with model.save_pretrained()."
                 )
+        _check_safetensors(os.path.join(directory, weights[0]))
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -280,3 +281,22 @@ class DeltaMemConfig(PeftConfig):
             else self.target_modules,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_safetensors(path: str) -> None:
+    """Read a weights file's header now, so a corrupt file is named before anything is injected into a model.
+
+    PeftModel.from_pretrained loads the config (here) before it adapts the caller's model and reads the weights.
+    """
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, and OSError for short files
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}): the adapter weights are corrupt or truncated. "
+            "Save the adapter again with model.save_pretrained() or download it again."
+        ) from error
