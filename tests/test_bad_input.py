@@ -64,13 +64,14 @@ def _add_tensors(directory: Path, **tensors: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------- security
 
 
-def test_adapter_file_with_a_base_weight_is_refused_and_the_base_is_unchanged(saved, tmp_path):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_adapter_file_with_a_base_weight_is_refused_and_the_base_is_unchanged(saved, tmp_path, low_cpu_mem_usage):
     directory = _copy(saved, tmp_path)
     _add_tensors(directory, **{"base_model.model.model.embed_tokens.weight": torch.zeros(128, 64)})
     base = tiny_model("llama")
     before = _state(base)
     with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.weight.*overwrite the frozen base"):
-        PeftModel.from_pretrained(base, directory)
+        PeftModel.from_pretrained(base, directory, low_cpu_mem_usage=low_cpu_mem_usage)
     _assert_bit_identical(base, before)
     _clean(base)
 
