@@ -448,3 +448,14 @@ def test_corrupt_weights_are_named_before_the_base_is_touched(saved, tmp_path, c
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors is not a readable safetensors file.*corrupt"):
         PeftModel.from_pretrained(base, directory)
     _clean(base)
+
+
+def test_transformers_load_adapter_twice_with_two_names_still_works(saved):
+    base = tiny_model("llama")
+    base.load_adapter(str(saved))
+    base.load_adapter(str(saved), adapter_name="second")
+    assert sorted(base.peft_config) == ["default", "second"]
+    layer = next(m for m in base.modules() if isinstance(m, DeltaMemLayer))
+    assert sorted(layer.settings) == ["default", "second"]
+    with pytest.raises(ValueError, match=r"Adapter with name second already exists"):  # transformers' own check
+        base.load_adapter(str(saved), adapter_name="second")

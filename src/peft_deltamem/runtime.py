@@ -434,7 +434,7 @@ def _check_ids(module, ids: torch.Tensor, name: str) -> None:
     vocab = getattr(embeddings, "num_embeddings", None)
     if vocab is None:
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
         raise ValueError(
