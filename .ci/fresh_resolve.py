@@ -14,7 +14,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-CHECKED = ("torch", "transformers", "peft", "accelerate", "datasets")
+CHECKED = ("torch", "transformers", "peft", "accelerate", "datasets", "trl")
 
 
 def fresh_versions(root: Path) -> dict[str, str]:

@@ -202,6 +202,13 @@ class DeltaMemConfig(PeftConfig):
     @classmethod
     def from_peft_type(cls, **kwargs):
         """Build the config from saved keys; an unknown key is an error (peft would warn and use the default)."""
+        peft_type = kwargs.get("peft_type")
+        if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "DELTA_MEM":
+            raise ValueError(
+                f"The adapter config has peft_type={getattr(peft_type, 'value', peft_type)!r}, not 'DELTA_MEM': it is "
+                "not a δ-mem adapter config (or its peft_type was edited). Load it with its own PEFT method, or fix "
+                "adapter_config.json to peft_type 'DELTA_MEM'."
+            )
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -217,6 +224,17 @@ class DeltaMemConfig(PeftConfig):
         return super().from_peft_type(**kwargs)
 
     @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """Read adapter_config.json; a file that is not JSON is named in the error."""
+        try:
+            return super().from_json_file(path_json_file, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path_json_file} is not valid JSON ({error}); the adapter config is corrupt. Save the adapter "
+                "again with model.save_pretrained() or restore the file."
+            ) from error
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config; refuse a saved adapter directory whose weights file is missing."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
@@ -229,6 +247,7 @@ class DeltaMemConfig(PeftConfig):
                     f"{directory} holds a δ-mem adapter_config.json but no adapter weights ({' or '.join(weights)}); "
                     "the adapter directory is incomplete. Save it again with model.save_pretrained()."
                 )
+        _check_safetensors(os.path.join(directory, weights[0]))
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -262,3 +281,22 @@ class DeltaMemConfig(PeftConfig):
             else self.target_modules,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_safetensors(path: str) -> None:
+    """Read a weights file's header now, so a corrupt file is named before anything is injected into a model.
+
+    PeftModel.from_pretrained loads the config (here) before it adapts the caller's model and reads the weights.
+    """
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, and OSError for short files
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}): the adapter weights are corrupt or truncated. "
+            "Save the adapter again with model.save_pretrained() or download it again."
+        ) from error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,25 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------- set-up
 
+    @property
+    def in_features(self) -> int:
+        """The hidden size the wrapped attention block reads (peft's generic checks read it)."""
+        return self.layout.hidden_size
+
+    @property
+    def out_features(self) -> int:
+        """The hidden size the wrapped attention block writes (its output projection's width)."""
+        return self.layout.out_features["o"] if "o" in self.layout.out_features else self.layout.hidden_size
+
     def update_layer(self, adapter_name: str, config: DeltaMemConfig) -> None:
+        hidden = self.layout.hidden_size
+        if config.r > hidden:
+            raise ValueError(
+                f"DeltaMemConfig.r={config.r} is larger than the hidden size of {self.layer_name} ({hidden}): the "
+                f"memory's key and value projections map the hidden state to r dimensions, so r above the hidden size "
+                f"adds no capacity, only parameters (and memory: r·r per state head). Use r <= {hidden} (the paper "
+                "uses r much smaller than the hidden size, e.g. 8-64)."
+            )
         settings = AdapterSettings(
             r=config.r,
             num_state_heads=config.num_state_heads,
@@ -124,6 +143,20 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         else:
             out.normal_(0.0, 0.02)
 
+    def _apply(self, fn, recurse: bool = True):
+        # A base built on the meta device and materialised with to_empty() gets uninitialised memory
+        # parameters; initialise them again once they have real storage.
+        was_meta = {
+            adapter
+            for adapter in self.settings
+            if adapter in self.delta_mem_write and self.delta_mem_write[adapter].weight.device.type == "meta"
+        }
+        result = super()._apply(fn, recurse)
+        for adapter in was_meta:
+            if self.delta_mem_write[adapter].weight.device.type != "meta" and adapter in self.runtime.configs:
+                self.reset_parameters(adapter, self.runtime.configs[adapter])
+        return result
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # The wrapped attention has no weight of its own; follow its first projection.
         projection = getattr(self.base_layer, next(iter(self.layout.projections.values())))
@@ -157,7 +190,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         raise NotImplementedError(MERGE_ERROR)
 
     def unmerge(self) -> None:
-        raise NotImplementedError(MERGE_ERROR)
+        # Nothing can be merged (merge() refuses), so there is never anything to unmerge; warn as LoRA does.
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def remove_projection_hooks(self) -> None:
         for child_name in self.layout.projections.values():

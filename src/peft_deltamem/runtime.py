@@ -239,6 +239,7 @@ class MemoryRuntime:
                 f"{tuple(attention_mask.shape)}. Pass the tokenizer's attention_mask, not a 4-D mask."
             )
         _refuse_packed(kwargs, attention_mask)
+        _check_inputs(module, kwargs, attention_mask, memory_stream, memory_stream_mask)
         adapters = self.active_adapters()
         record = CallRecord(
             attention_mask=attention_mask, segment_ids=segment_ids, write_mask=write_mask, writes=writes
@@ -258,6 +259,14 @@ class MemoryRuntime:
         elif generation is not None and adapters:
             generation.prepare(record, kwargs)
         elif adapters:
+            if kwargs.get("fused_lm_head") and module.training and torch.is_grad_enabled():
+                raise ValueError(
+                    "TRL's SFTTrainer is training this δ-mem model on a batch without a memory stream (no "
+                    "memory_input_ids, no memory=): its default collator feeds plain chats, so the adapter would "
+                    "never learn to read a memory written from other text. Build episodes with episodes_map_fn, and "
+                    "pass data_collator=DeltaMemDataCollator(tokenizer), SFTConfig(remove_unused_columns=False, "
+                    "dataset_kwargs={'skip_prepare_dataset': True}); see docs/training.md, 'TRL'."
+                )
             past = kwargs.get("past_key_values")
             if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
                 raise ValueError(
@@ -330,6 +339,14 @@ class MemoryRuntime:
         self._local.record = record.previous
         record.previous = None
         if record.loss_terms:
+            if kwargs.get("fused_lm_head"):
+                raise ValueError(
+                    "write_sparsity_weight > 0 does not work under TRL's SFTTrainer: it calls the model with "
+                    "fused_lm_head=True and computes the loss from the returned log-probabilities, so the "
+                    "write-sparsity penalty δ-mem adds to the model's loss would be silently dropped. Set "
+                    "DeltaMemConfig(write_sparsity_weight=0.0) for SFTTrainer, or train with transformers.Trainer "
+                    "(docs/training.md, 'TRL')."
+                )
             output = _add_loss_terms(output, record.loss_terms, kwargs)
         if record.memory is not None:
             self.commit(record.memory, record.memory_version, record.final_states)
@@ -398,3 +415,73 @@ def _refuse_packed(kwargs: dict, attention_mask: torch.Tensor | None) -> None:
             "position_ids restart inside a row, i.e. the batch is packed; δ-mem cannot run on packed "
             "sequences (the memory would leak across them). Use padded batches with an attention_mask."
         )
+
+
+def _past_length(kwargs: dict) -> int:
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return 1  # a legacy tuple cache: not empty
+
+
+def _check_ids(module, ids: torch.Tensor, name: str) -> None:
+    """Ids outside the vocabulary (checked on calls of more than one token: no host sync per decoding step)."""
+    if ids.dim() != 2 or ids.shape[1] < 2 or ids.is_floating_point():
+        return
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None:
+        return
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name} contains token id {bad}, outside the model's vocabulary (0..{vocab - 1}). Tokenize with this "
+            "model's tokenizer; if you added tokens, call model.resize_token_embeddings(len(tokenizer)) first."
+        )
+
+
+def _check_inputs(module, kwargs: dict, attention_mask, stream, stream_mask) -> None:
+    """Shapes and ids a call must have; a wrong one would silently use other tokens' masks or crash deep inside."""
+    ids = kwargs.get("input_ids")
+    inputs = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        name = "input_ids" if inputs is ids else "inputs_embeds"
+        length = inputs.shape[1]
+        if length == 0:
+            raise ValueError(
+                f"{name} has shape {tuple(inputs.shape)}: the call has no tokens. Pass at least one token per row "
+                "(skip the call when there is nothing to read)."
+            )
+        if (
+            isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dim() == 2
+            and attention_mask.shape[1] != length
+            and _past_length(kwargs) == 0
+        ):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has {length} tokens and there is "
+                "no KV cache: without a cache the mask must cover exactly the call's tokens. Pass the tokenizer's "
+                "attention_mask for these tokens."
+            )
+        if inputs is ids:
+            _check_ids(module, ids, "input_ids")
+    if stream_mask is not None:
+        if stream is None:
+            raise ValueError(
+                "memory_attention_mask was passed without memory_input_ids: it is the mask of the memory stream. "
+                "Pass memory_input_ids too (an episode), or drop memory_attention_mask."
+            )
+        if not isinstance(stream_mask, torch.Tensor) or stream_mask.dim() != 2:
+            raise ValueError(
+                f"memory_attention_mask must be a 2-D (batch, length) tensor, got {type(stream_mask).__name__}."
+            )
+        if isinstance(stream, torch.Tensor) and tuple(stream_mask.shape) != tuple(stream.shape[:2]):
+            raise ValueError(
+                f"memory_attention_mask has shape {tuple(stream_mask.shape)} but memory_input_ids has shape "
+                f"{tuple(stream.shape)}; they must have the same (batch, length)."
+            )
+    if isinstance(stream, torch.Tensor):
+        _check_ids(module, stream, "memory_input_ids")

@@ -41,6 +41,16 @@ REMOVE_UNUSED_COLUMNS_ERROR = (
 )
 
 
+NO_MEMORY_STREAM_ERROR = (
+    "A training batch reached the δ-mem model without a memory stream (no memory_input_ids and no memory=): the "
+    "adapter would train without ever reading a memory written from other text. This happens when the Trainer "
+    "uses its default collator (e.g. TRL's SFTTrainer on a 'messages' dataset) or drops the memory columns. Build "
+    "episodes with episodes_map_fn, pass data_collator=DeltaMemDataCollator(tokenizer) and "
+    "remove_unused_columns=False (with TRL also dataset_kwargs={'skip_prepare_dataset': True}); see "
+    "docs/training.md. To train on such batches on purpose, use MemoryHealthCallback(require_memory_stream=False)."
+)
+
+
 def check_remove_unused_columns(args) -> None:
     """Raise ``ValueError`` if ``args.remove_unused_columns`` is set (the Trainer would drop the memory columns)."""
     if getattr(args, "remove_unused_columns", False):
@@ -244,6 +254,8 @@ class MemoryHealthCallback(TrainerCallback):
         probe_batch: a fixed batch to measure (moved to the model's device); None: the last training batch.
         every_n_steps: measure every n optimizer steps instead of at the logging steps.
         check_columns: run :func:`check_remove_unused_columns` when the Trainer is built and when training starts.
+        require_memory_stream: raise ``ValueError`` when a training forward has neither ``memory_input_ids`` (an
+            episode, as from ``DeltaMemDataCollator``) nor ``memory=``: the Trainer is then not feeding episodes.
         adapter_name: adapter to measure (default: the active one).
         prefix: prefix of the logged names.
     """
@@ -255,12 +267,14 @@ class MemoryHealthCallback(TrainerCallback):
         check_columns: bool = True,
         adapter_name: str | None = None,
         prefix: str = "delta_mem/",
+        require_memory_stream: bool = True,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         self.probe_batch = dict(probe_batch) if probe_batch is not None else None
         self.every_n_steps = every_n_steps
         self.check_columns = check_columns
+        self.require_memory_stream = require_memory_stream
         self.adapter_name = adapter_name
         self.prefix = prefix
         self.last: MemoryHealth | None = None
@@ -280,6 +294,14 @@ class MemoryHealthCallback(TrainerCallback):
             self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if (
+            self.require_memory_stream
+            and module.training
+            and torch.is_grad_enabled()
+            and kwargs.get("memory_input_ids") is None
+            and kwargs.get("memory") is None
+        ):
+            raise ValueError(NO_MEMORY_STREAM_ERROR)
         if module.training and kwargs.get("memory_input_ids") is not None:
             keep = MEMORY_COLUMNS + _VISIBLE_KEYS
             self._last_batch = {k: kwargs[k] for k in keep if kwargs.get(k) is not None}
