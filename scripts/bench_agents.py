@@ -186,8 +186,10 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; load average before the run {meta['load_before']}  ",
-        f"Model: {meta['model']}; {meta['sessions']} concurrent sessions × {meta['turns']} turns, replies of at most "
-        f"{meta['max_tokens']} tokens, server batch size {meta['batch_size']}",
+        f"Model: {meta['model']}; adapter: {meta.get('adapter', '?')}; server threads (OMP_NUM_THREADS): "
+        f"{meta.get('server_threads', '?')}  ",
+        f"{meta['sessions']} concurrent sessions × {meta['turns']} turns, replies of at most {meta['max_tokens']} "
+        f"tokens, server batch size {meta['batch_size']}",
         "",
         "| configuration | turns/s | p50 latency | p95 latency | server peak RSS | kill -9 + restart |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "load_before": round(load_before, 2),
             "model": args.model or "embedded tiny model",
+            "adapter": args.adapter or "fresh, untrained (seed 0): measures cost, not reply quality",
+            "server_threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
             "sessions": args.sessions,
             "turns": args.turns,
             "max_tokens": args.max_tokens,
