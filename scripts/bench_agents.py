@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ def build_parser():
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and argument errors answer here, before anything heavy is imported
 
+from peft_deltamem.agents.launch import launch_server
+
 WORDS = "alice likes teal . we talked about trains bob likes gold then music and lunch later books again".split()
 CONFIGS = {
     "δ-mem memory": ["--window", "{window}"],
@@ -74,32 +75,16 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
         return error.code, error.read().decode(errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start(args, extra: list[str], sessions_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "peft_deltamem.cli", "serve", "--port", str(port), "--sessions", str(sessions_dir)]
+    command = ["--sessions", str(sessions_dir)]
     for flag, value in (("--model", args.model), ("--gguf-file", args.gguf_file), ("--adapter", args.adapter)):
         if value:
             command += [flag, value]
     command += ["--max-new-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size), *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: {process.stderr.read()[-3000:]}")
-        try:
-            if http("GET", f"{url}/v1/models", timeout=1)[0] == 200:
-                return process, url
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not start within 300 s")
+    try:
+        return launch_server(command)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from error
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -3,12 +3,9 @@ a kill -9 and restart that loses no completed turn, and two server processes sha
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx2 as httpx
@@ -20,6 +17,7 @@ from peft import get_peft_model
 from conftest import skip_or_fail_in_ci
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.agents.engine import ChatEngine, GenerationParams
+from peft_deltamem.agents.launch import free_port, launch_server
 from peft_deltamem.agents.session import SessionPolicy
 from peft_deltamem.agents.store import DirectoryStore, RedisStore
 from peft_deltamem.recall_task import build_tokenizer
@@ -54,32 +52,11 @@ def expected_replies(saved_model, tmp_path, turns=TURNS) -> list[str]:
         engine.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(saved_model, *store_args: str) -> tuple[subprocess.Popen, str]:
     root = saved_model[0]
-    port = free_port()
-    command = [sys.executable, "-m", "peft_deltamem.cli", "serve", "--model", str(root / "base")]
-    command += ["--adapter", str(root / "adapter"), "--window", "2", "--max-new-tokens", str(MAX_TOKENS)]
-    command += ["--port", str(port), *store_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not start within 180 s")
+    command = ["--model", str(root / "base"), "--adapter", str(root / "adapter"), "--window", "2"]
+    command += ["--max-new-tokens", str(MAX_TOKENS), *store_args]
+    return launch_server(command, timeout=180, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
 
 
 def stop(process: subprocess.Popen, kill: bool = False) -> None:
