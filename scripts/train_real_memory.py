@@ -16,6 +16,7 @@ The shipped adapter (adapters/smollm2-135m-chat-facts) is re-created by:
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -83,12 +84,22 @@ def main(argv=None):
         default=DEFAULTS["ablation_no_memory"],
         help="share of rows trained with an empty memory",
     )
+    parser.add_argument(
+        "--all-questions", action="store_true", help="train with one question per stated slot in each visible stream"
+    )
+    parser.add_argument("--copy-init", type=float, default=0.0, help="> 0: copy-path initialisation of W_mv/Δ_o")
     parser.add_argument("--max-facts", type=int, default=3)
     parser.add_argument("--max-small-talk", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
     parser.add_argument("--n-val", type=int, default=DEFAULTS["n_val"])
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--test", action="store_true", help="evaluate the held-out test split at the end")
+    parser.add_argument(
+        "--ship",
+        type=Path,
+        default=None,
+        help="also write the adapter with a model card (numbers from --test) to this directory",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     args = parser.parse_args(argv)
@@ -96,7 +107,6 @@ def main(argv=None):
     if args.write_docs:
         parser.error("this script writes an adapter, not docs; use --out")
 
-    import json
     from dataclasses import asdict
 
     import torch
@@ -104,7 +114,7 @@ def main(argv=None):
 
     import peft_deltamem  # noqa: F401
     from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
-    from peft_deltamem.eval.real_recall import RecipeConfig, evaluate, gap_recovered, train_recipe
+    from peft_deltamem.eval.real_recall import RecipeConfig, apply_copy_init, evaluate, gap_recovered, train_recipe
     from peft_deltamem.real_model import load_smollm2
 
     torch.set_num_threads(args.threads)
@@ -129,6 +139,8 @@ def main(argv=None):
         max_minutes=args.max_minutes,
         curriculum_steps=args.curriculum_steps,
         ablation_no_memory=args.ablation_no_memory,
+        all_questions=args.all_questions,
+        copy_init=args.copy_init,
         eval_every=args.eval_every,
         n_val=args.n_val,
         seed=args.seed,
@@ -137,6 +149,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_smollm2(cache=False)
     model = get_peft_model(base, recipe.peft_config())
+    if recipe.copy_init:
+        apply_copy_init(model, recipe.copy_init, seed=recipe.seed)
     model.print_trainable_parameters()
     history = train_recipe(model, tokenizer, recipe, log_path=out / "history.json", log=lambda s: print(s, flush=True))
     model.save_pretrained(out / "adapter")
@@ -156,7 +170,59 @@ def main(argv=None):
         }
         (out / "results.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps({m: r["accuracy"] for m, r in results.items()}), "gap recovered", summary["gap_recovered"])
+        if args.ship:
+            ship(model, args.ship, summary)
     return history
+
+
+def ship(model, directory: Path, summary: dict) -> None:
+    """Save the adapter with a model card stating the command, seed, generator and measured test numbers."""
+    from peft_deltamem.config import MODEL_CARD_NOTE
+    from peft_deltamem.real_model import BASE_MODEL_NAME, INSTALL_COMMAND
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    r, recipe = summary["results"], summary["recipe"]
+    rows = "\n".join(
+        f"| {name} | {r[mode]['accuracy']:.3f} | {r[mode]['top1']:.3f} | {r[mode]['gold_logprob']:.2f} |"
+        for mode, name in (
+            ("none", "no memory (frozen model, question only)"),
+            ("memory", "history only in δ-mem's memory"),
+            ("context", "full context (frozen model, history in the prompt)"),
+        )
+    )
+    card = f"""---
+library_name: peft
+tags: [delta-mem, peft-deltamem]
+---
+# δ-mem adapter for SmolLM2-135M-Instruct: remembering facts a user told it
+
+Base model: {BASE_MODEL_NAME}. Trained with [peft-deltamem](../../README.md) on the seeded chat-facts generator
+(`peft_deltamem.eval.chat_facts`, seed {recipe["seed"]}, train split; data: `{recipe["data"]}`).
+
+Re-create (after `{INSTALL_COMMAND}`; {summary["threads"]} torch thread(s),
+{summary["train_minutes"]:.1f} min of training):
+
+```bash
+{summary["command"]}
+```
+
+Recipe: `{ {k: v for k, v in recipe.items() if k != "data"} }`
+
+## Measured on {summary["n"]} held-out test episodes (test split, never used for a choice)
+
+Next-token recall after a started answer ("Your dog is called"), argmax among the slot's 8 values (chance 0.125):
+
+| condition | accuracy (8-way) | top-1 (full vocabulary) | gold log-prob |
+|---|---|---|---|
+{rows}
+
+Gap between no memory and full context recovered with the history only in memory:
+{summary["gap_recovered"] if summary["gap_recovered"] is None else f"{summary['gap_recovered']:.2f}"}.
+See docs/real_model.md for the recipe study.
+"""
+    (directory / "README.md").write_text(card + MODEL_CARD_NOTE)
+    (directory / "results.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

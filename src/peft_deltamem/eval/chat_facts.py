@@ -120,13 +120,14 @@ class ChatFactsConfig:
     slots: tuple[str, ...] = tuple(SLOTS)
 
     def __post_init__(self) -> None:
+        self.slots = tuple(self.slots)
+        unknown = set(self.slots) - set(SLOTS)
+        if unknown:
+            raise ValueError(f"unknown slots {sorted(unknown)}; known: {sorted(SLOTS)}")
         if not 1 <= self.min_facts <= self.max_facts <= len(self.slots):
             raise ValueError(f"need 1 <= min_facts <= max_facts <= {len(self.slots)} slots")
         if not 0 <= self.min_small_talk <= self.max_small_talk:
             raise ValueError("need 0 <= min_small_talk <= max_small_talk")
-        unknown = set(self.slots) - set(SLOTS)
-        if unknown:
-            raise ValueError(f"unknown slots {sorted(unknown)}; known: {sorted(SLOTS)}")
 
 
 @dataclass
@@ -215,6 +216,31 @@ def candidate_token_ids(tokenizer, slot: str) -> list[int]:
     return firsts
 
 
+def _question_ids(tokenizer, slot: str, value: str, answer_tokens: str, first: bool) -> tuple[list, list]:
+    text = ("" if first else "<|im_end|>\n") + render_message("user", SLOTS[slot]["question"])
+    prompt = _ids(tokenizer, text + "<|im_start|>assistant\n" + SLOTS[slot]["answer"])
+    answer = _ids(tokenizer, " " + value)
+    if answer_tokens == "first":
+        answer = answer[:1]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def tokenize_all_questions(episode: ChatFactsEpisode, tokenizer, answer_tokens: str = "all", seed: int = 0) -> dict:
+    """A training episode whose visible stream asks about **every** stated slot, one chat turn each, in a seeded
+    order (labels on every answer): more supervision per (expensive) memory pass, at the cost of a few visible
+    tokens. Earlier answers stay visible, but they are about other slots."""
+    fields = tokenize_episode(episode, tokenizer, answer_tokens)
+    slots = list(episode.facts)
+    random.Random(f"questions/{seed}/{episode.split}/{episode.index}").shuffle(slots)
+    ids, labels = [], []
+    for i, slot in enumerate(slots):
+        q_ids, q_labels = _question_ids(tokenizer, slot, episode.facts[slot][-1], answer_tokens, first=i == 0)
+        ids += q_ids
+        labels += q_labels
+    fields.update(input_ids=ids, labels=labels)
+    return fields
+
+
 def tokenize_episode(episode: ChatFactsEpisode, tokenizer, answer_tokens: str = "all") -> dict:
     """The fields of a δ-mem episode plus the full-context stream and the candidates of the question's slot.
 
@@ -260,5 +286,6 @@ __all__ = [
     "generate_episode",
     "generate_episodes",
     "render_message",
+    "tokenize_all_questions",
     "tokenize_episode",
 ]

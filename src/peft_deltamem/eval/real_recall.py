@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training.collator import DeltaMemDataCollator
-from .chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
+from .chat_facts import ChatFactsConfig, generate_episodes, tokenize_all_questions, tokenize_episode
 
 MODES = ("none", "memory", "context")
 
@@ -133,6 +133,8 @@ class RecipeConfig:
     curriculum_steps: int = 0  # the first steps use one fact and little small talk
     ablation_no_memory: float = 0.0  # share of rows trained with an empty memory
     answer_tokens: str = "all"
+    all_questions: bool = False  # train on one question per stated slot in each visible stream
+    copy_init: float = 0.0  # > 0: start W_mv and Δ_o as a random orthonormal projection and its transpose (scaled)
     eval_every: int = 25
     n_val: int = 64
     seed: int = 0
@@ -153,6 +155,34 @@ class RecipeConfig:
         )
 
 
+@torch.no_grad()
+def apply_copy_init(model, scale: float, seed: int = 0) -> int:
+    """Start every adapted layer as a "copy" path: W_mv = Bᵀ and Δ_o = scale · B for a random orthonormal
+    B (d × r·H, its own per layer), so that what a token writes as value is (a projection of) its own hidden
+    state and a read adds that projection back to the residual stream. Δ_q stays zero. With tied embeddings
+    and early layers, whose hidden states still resemble the token embeddings, this gives the adapter a
+    prior that transfers across values instead of one output direction to learn per value.
+    Returns the number of layers initialised.
+    """
+    from ..layer import DeltaMemLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for layer in (m for m in model.modules() if isinstance(m, DeltaMemLayer)):
+        for adapter, settings in layer.settings.items():
+            if "o" not in settings.delta_heads:
+                raise ValueError("copy init needs the 'o' Δ head")
+            width, d = settings.width, layer.layout.hidden_size
+            basis, _ = torch.linalg.qr(torch.randn(d, width, generator=generator))
+            write = layer.delta_mem_write[adapter].weight
+            write[2 * width : 3 * width] = basis.T.to(write)
+            out = layer.delta_mem_out[adapter].weight
+            o_rows = layer.layout.head_out_features("o")
+            out[-o_rows:] = (scale * basis).to(out)
+            count += 1
+    return count
+
+
 def _lr_factor(recipe: RecipeConfig, step: int) -> float:
     if step < recipe.warmup_steps:
         return (step + 1) / recipe.warmup_steps
@@ -170,7 +200,9 @@ def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | 
     """
     torch.manual_seed(recipe.seed)
     data = ChatFactsConfig(**{k: tuple(v) if k == "slots" else v for k, v in recipe.data.items()})
-    easy = ChatFactsConfig(**{**asdict(data), "min_facts": 1, "max_facts": 1, "max_small_talk": 2, "max_updates": 0})
+    easy = ChatFactsConfig(
+        **{**asdict(data), "min_facts": 1, "max_facts": 1, "min_small_talk": 0, "max_small_talk": 2, "max_updates": 0}
+    )
     pad_id = tokenizer.pad_token_id
     val = [tokenize_episode(e, tokenizer) for e in generate_episodes("val", recipe.n_val, data, seed=recipe.seed)]
     reference = evaluate(model, val, modes=("none", "context"), pad_id=pad_id)
@@ -212,14 +244,20 @@ def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | 
         episodes = generate_episodes(
             "train", recipe.batch_size, config, seed=recipe.seed, start=step * recipe.batch_size
         )
-        features = [
-            {k: v for k, v in tokenize_episode(e, tokenizer, recipe.answer_tokens).items() if k in keys}
-            for e in episodes
-        ]
+        if recipe.all_questions:
+            tokenized = [tokenize_all_questions(e, tokenizer, recipe.answer_tokens, recipe.seed) for e in episodes]
+        else:
+            tokenized = [tokenize_episode(e, tokenizer, recipe.answer_tokens) for e in episodes]
+        features = [{k: v for k, v in t.items() if k in keys} for t in tokenized]
         batch = collator(features)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * _lr_factor(recipe, step)
-        loss = model(**batch).loss
+        output = model(**batch)
+        loss = output.loss
+        with torch.no_grad():  # full-vocabulary top-1 on every labelled token of the batch (a noisy train curve)
+            shifted = batch["labels"][:, 1:]
+            hits = (output.logits[:, :-1].argmax(-1) == shifted) & (shifted != -100)
+            train_top1 = float(hits.sum() / (shifted != -100).sum().clamp(min=1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -229,14 +267,15 @@ def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | 
         history["steps"].append(
             {
                 "step": step + 1,
-                "loss": float(loss),
+                "loss": loss.item(),
+                "train_top1": train_top1,
                 "grad_norm": float(grad_norm),
                 "seconds": seconds,
                 "memory_tokens": int(batch["memory_attention_mask"].sum()),
             }
         )
         if (step + 1) % 5 == 0:
-            log(f"step {step + 1:4d} loss {float(loss):.3f} ({seconds:.1f} s/step)")
+            log(f"step {step + 1:4d} loss {loss.item():.3f} top1 {train_top1:.2f} ({seconds:.1f} s/step)")
         if (step + 1) % recipe.eval_every == 0:
             validate(step + 1, train_seconds)
     if not history["val"] or history["val"][-1]["step"] != len(history["steps"]):
