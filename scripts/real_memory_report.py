@@ -28,6 +28,10 @@ def describe(recipe: dict) -> str:
     parts = [gran, f"r={recipe['r']}", f"b_β={recipe['beta_bias_init']}", f"layers {span}", f"lr {recipe['lr']:g}"]
     if recipe.get("curriculum_steps"):
         parts.append(f"curriculum {recipe['curriculum_steps']}")
+    if recipe.get("all_questions"):
+        parts.append("all questions")
+    if recipe.get("copy_init"):
+        parts.append(f"copy init {recipe['copy_init']:g}")
     if recipe.get("ablation_no_memory"):
         parts.append(f"no-memory rows {recipe['ablation_no_memory']:g}")
     data = recipe.get("data", {})
@@ -64,7 +68,7 @@ def main(argv=None):
         test = results["results"] if results else None
         rows.append(
             f"| {run.name} | {describe(history['recipe'])} | {len(history['steps'])} | "
-            f"{history.get('train_minutes', float('nan')):.1f} | {ref['none']['accuracy']:.2f} / "
+            f"{sum(s['seconds'] for s in history['steps']) / 60:.1f} | {ref['none']['accuracy']:.2f} / "
             f"{val[-1]['accuracy']:.2f} (best {best['accuracy']:.2f}) / {ref['context']['accuracy']:.2f} | "
             + (
                 f"{test['none']['accuracy']:.2f} / {test['memory']['accuracy']:.2f} / {test['context']['accuracy']:.2f}"
