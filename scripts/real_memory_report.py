@@ -79,7 +79,11 @@ def main(argv=None):
         )
     ax.set_xlabel("training minutes (1 thread)")
     ax.set_ylabel("val recall, memory only (8-way)")
-    ax.axhline(0.125, color="grey", ls=":", lw=1)
+    ax.axhline(0.125, color="grey", ls=":", lw=1, label="chance (1/8)")
+    if raw:
+        reference = next(iter(raw.values()))["history"]["reference_val"]
+        ax.axhline(reference["none"]["accuracy"], color="black", ls="--", lw=1, label="val: no memory")
+        ax.axhline(reference["context"]["accuracy"], color="black", ls="-.", lw=1, label="val: full context")
     ax.legend(fontsize=6)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)

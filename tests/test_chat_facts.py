@@ -44,3 +44,17 @@ def test_counts_follow_the_config():
         ChatFactsConfig(min_facts=3, max_facts=2)
     with pytest.raises(ValueError, match="unknown slots"):
         ChatFactsConfig(slots=("dog", "planet"))
+
+
+def test_other_memory_control_rotates_only_the_memory():
+    from peft_deltamem.eval.real_recall import with_other_memory
+
+    features = [
+        {"memory_input_ids": [i] * (i + 1), "memory_segment_ids": [0] * (i + 1), "input_ids": [10 + i]}
+        for i in range(3)
+    ]
+    rotated = with_other_memory(features)
+    assert [f["memory_input_ids"] for f in rotated] == [[1, 1], [2, 2, 2], [0]]
+    assert [f["memory_segment_ids"] for f in rotated] == [[0, 0], [0, 0, 0], [0]]
+    assert [f["input_ids"] for f in rotated] == [[10], [11], [12]]
+    assert features[0]["memory_input_ids"] == [0]  # the originals are untouched

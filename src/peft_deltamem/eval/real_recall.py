@@ -103,6 +103,20 @@ def evaluate(model, features: list[dict], modes=MODES, pad_id: int = 0, batch_si
     return out
 
 
+def with_other_memory(features: list[dict], shift: int = 1) -> list[dict]:
+    """The same episodes, each given the memory stream of episode ``i + shift`` (a control: recall that survives
+    a mismatched history is a prior, not memory)."""
+    n = len(features)
+    return [
+        dict(
+            f,
+            memory_input_ids=features[(i + shift) % n]["memory_input_ids"],
+            memory_segment_ids=features[(i + shift) % n]["memory_segment_ids"],
+        )
+        for i, f in enumerate(features)
+    ]
+
+
 def gap_recovered(results: dict[str, dict], key: str = "accuracy") -> float | None:
     """(memory - none) / (context - none); None when full context is not better than no memory."""
     none, memory, context = (results[m][key] for m in ("none", "memory", "context"))
@@ -156,12 +170,13 @@ class RecipeConfig:
 
 
 @torch.no_grad()
-def apply_copy_init(model, scale: float, seed: int = 0) -> int:
+def apply_copy_init(model, scale: float, seed: int = 0, shared_qk: bool = False) -> int:
     """Start every adapted layer as a "copy" path: W_mv = Bᵀ and Δ_o = scale · B for a random orthonormal
     B (d × r·H, its own per layer), so that what a token writes as value is (a projection of) its own hidden
     state and a read adds that projection back to the residual stream. Δ_q stays zero. With tied embeddings
     and early layers, whose hidden states still resemble the token embeddings, this gives the adapter a
     prior that transfers across values instead of one output direction to learn per value.
+    With ``shared_qk`` also W_mk = W_mq, so that keys and queries of similar hidden states agree from the start.
     Returns the number of layers initialised.
     """
     from ..layer import DeltaMemLayer
@@ -176,6 +191,8 @@ def apply_copy_init(model, scale: float, seed: int = 0) -> int:
             basis, _ = torch.linalg.qr(torch.randn(d, width, generator=generator))
             write = layer.delta_mem_write[adapter].weight
             write[2 * width : 3 * width] = basis.T.to(write)
+            if shared_qk:
+                write[width : 2 * width] = write[:width]
             out = layer.delta_mem_out[adapter].weight
             o_rows = layer.layout.head_out_features("o")
             out[-o_rows:] = (scale * basis).to(out)
@@ -287,4 +304,14 @@ def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | 
     return history
 
 
-__all__ = ["MODES", "RecipeConfig", "answer_logits", "evaluate", "gap_recovered", "score", "train_recipe"]
+__all__ = [
+    "MODES",
+    "RecipeConfig",
+    "answer_logits",
+    "apply_copy_init",
+    "evaluate",
+    "gap_recovered",
+    "score",
+    "train_recipe",
+    "with_other_memory",
+]
