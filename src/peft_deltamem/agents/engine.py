@@ -269,13 +269,7 @@ class ChatEngine:
         device = self._device()
         for step in range(max((len(w) for w in writes), default=0)):
             rows = [i for i, w in enumerate(writes) if len(w) > step]
-            pieces = [writes[i][step] for i in rows]
-            width = max(len(p) for p in pieces)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, piece in enumerate(pieces):
-                ids[j, : len(piece)] = torch.tensor(piece)
-                mask[j, : len(piece)] = 1
+            ids, mask = _padded([writes[i][step] for i in rows], self.pad_id, "right")
             memory = DeltaMemory.cat([memories[i] for i in rows])
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "memory": memory}
             if self.segment_writes:  # one message per call: one segment
@@ -289,12 +283,8 @@ class ChatEngine:
     def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory]):
         """One generate over all rows (left padding), reading the memories without writing."""
         device = self._device()
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for j, prompt in enumerate(prompts):
-            ids[j, width - len(prompt) :] = torch.tensor(prompt)
-            mask[j, width - len(prompt) :] = 1
+        ids, mask = _padded(prompts, self.pad_id, "left")
+        width = ids.shape[1]
         params = requests[0].params
         limit = max(r.params.max_new_tokens for r in requests)
         sampling = {"do_sample": False}
@@ -325,6 +315,18 @@ class ChatEngine:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _padded(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token rows padded on ``side`` to the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[j, span] = torch.tensor(row)
+        mask[j, span] = 1
+    return ids, mask
 
 
 def _group(batch: list[_Request]) -> list[list[_Request]]:
