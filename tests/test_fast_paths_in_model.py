@@ -99,3 +99,45 @@ def test_training_step_gradients_match_naive(impl):
     for name, grad in expected.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_generate_equals_eager():
+    """generate() with a static cache and transformers' compile_config: the decoder layers, δ-mem included, compile
+    without a graph break (the call hooks stay eager) and give the tokens and memory of the eager run."""
+    import shutil
+
+    from transformers import CompileConfig
+
+    from conftest import skip_or_fail_in_ci
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = make_peft(num_state_heads=2)
+    ids, mask = padded_batch(12)
+    mask[0, :7] = 0
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles generate's decoding steps on CUDA only
+
+    def run(config):
+        memory = model.new_memory(2)
+        tokens = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            memory=memory,
+            max_new_tokens=6,
+            do_sample=False,
+            cache_implementation="static",
+            compile_config=config,
+            pad_token_id=0,
+        )
+        return tokens, memory.states
+
+    expected_tokens, expected_states = run(None)
+    tokens, states = run(compile_config)
+    assert torch.equal(tokens, expected_tokens)
+    for name, state in states.items():
+        torch.testing.assert_close(state, expected_states[name], atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # something was compiled
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -268,3 +268,70 @@ def test_auto_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     delta_rule(*make_inputs(t=1), impl="auto")
     delta_rule(*make_inputs(t=ops.AUTO_RECURRENT_MAX_T + 1), impl="auto")
     assert calls == ["fr", "chunk"]
+
+
+def feature_maps_then_scan(projected, bias, state, write_mask, impl="naive"):
+    """The general path of a token-write layer for one token: feature maps, then a scan implementation."""
+    b, _, width4 = projected.shape
+    h, r = state.shape[1], state.shape[-1]
+    q, k, v, gate = (p.view(b, 1, h, r).transpose(1, 2) for p in projected.split(width4 // 4, dim=-1))
+    q, k = F.normalize(torch.tanh(q), dim=-1), F.normalize(torch.tanh(k), dim=-1)
+    beta = torch.sigmoid(gate + bias.view(h, 1, r))
+    reads, final = delta_rule(q, k, v, beta, state, write_mask, impl=impl)
+    return reads.transpose(1, 2).reshape(b, 1, h * r), final
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("mask", [None, "mixed", "off"])
+def test_fused_token_step_matches_naive(heads: int, mask: str | None) -> None:
+    """The decoding step the layers take for single tokens: reads, state and gradients equal the naive scan's."""
+    from peft_deltamem.ops.fused_recurrent import fused_token_step
+
+    gen = torch.Generator().manual_seed(21)
+    b, r = 2, 8
+    write_mask = {None: None, "mixed": torch.tensor([[True], [False]]), "off": torch.zeros(b, 1, dtype=torch.bool)}[mask]
+
+    def inputs():
+        projected = torch.randn(b, 1, 4 * heads * r, generator=torch.Generator().manual_seed(22)).requires_grad_(True)
+        bias = torch.full((heads * r,), -1.0).requires_grad_(True)
+        state = (0.5 * torch.randn(b, heads, r, r, generator=torch.Generator().manual_seed(23))).requires_grad_(True)
+        return projected, bias, state
+
+    weights = torch.randn(b, 1, heads * r, generator=gen), torch.randn(b, heads, r, r, generator=gen)
+    results = []
+    for fn in (fused_token_step, feature_maps_then_scan):
+        projected, bias, state = inputs()
+        read, final = fn(projected, bias, state, write_mask)
+        ((read * weights[0]).sum() + (final * weights[1]).sum()).backward()
+        results.append((read, final, projected.grad, bias.grad, state.grad))
+    (read, final, *grads), (read_ref, final_ref, *grads_ref) = results
+    assert read.dtype == final.dtype == torch.float32
+    assert_close(read, read_ref, 1e-5)
+    assert_close(final, final_ref, 1e-5)
+    if mask == "off":
+        assert torch.equal(final, inputs()[2].detach())  # no write: the state is left bit-for-bit unchanged
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert_close(grad, grad_ref, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_token_step_low_precision(dtype: torch.dtype) -> None:
+    """Low-precision projections: feature maps in their dtype (as the general path), the step in float32."""
+    from peft_deltamem.ops.fused_recurrent import fused_token_step
+
+    projected = torch.randn(2, 1, 4 * 2 * 8, generator=torch.Generator().manual_seed(24)).to(dtype)
+    bias = torch.full((16,), -1.0, dtype=dtype)
+    state = 0.5 * torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(25))
+    read, final = fused_token_step(projected, bias, state)
+    read_ref, final_ref = feature_maps_then_scan(projected, bias, state, None, impl="fused_recurrent")
+    assert read.dtype == final.dtype == torch.float32
+    assert_close(read, read_ref, 1e-5)
+    assert_close(final, final_ref, 1e-5)
+
+
+def test_token_step_follows_the_chosen_implementation() -> None:
+    """use_impl("naive") (or "chunk") makes the layers run that scan for single tokens too (tests compare them)."""
+    assert ops.token_step_enabled()
+    for name, enabled in (("naive", False), ("chunk", False), ("fused_recurrent", True), ("auto", True)):
+        with use_impl(name):
+            assert ops.token_step_enabled() is enabled

@@ -25,6 +25,12 @@ MERGE_ERROR = (
 )
 
 
+def _thread_key() -> int:
+    """Which thread's corrections a projection hook adds. Under torch.compile the corrections flow through the
+    traced graph (the dict is only the tracing device), so one constant key serves every thread."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
 @dataclass(frozen=True)
 class AdapterSettings:
     """The per-adapter numbers a layer needs at run time (derived from the config)."""
@@ -182,6 +188,18 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             *self.delta_mem_out[adapter_name].parameters(),
         ]
 
+    def fingerprint_tensors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The adapter's parameters, read straight from the module dicts (what the weights fingerprint hashes;
+        it runs once per call, so it avoids the generic accessors). Same tensors as :meth:`adapter_parameters`."""
+        try:
+            return (
+                self._modules["delta_mem_write"]._modules[adapter_name]._parameters["weight"],
+                self._modules["delta_mem_beta_bias"]._parameters[adapter_name],
+                self._modules["delta_mem_out"]._modules[adapter_name]._parameters["weight"],
+            )
+        except (KeyError, AttributeError):  # wrapped or replaced containers (e.g. sharding wrappers)
+            return tuple(self.adapter_parameters(adapter_name))
+
     def state_device(self, adapter_name: str) -> torch.device:
         device = self.delta_mem_write[adapter_name].weight.device
         return torch.device("cpu") if device.type == "meta" else device
@@ -222,7 +240,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         for adapter in adapters:
             for slot, value in self._corrections_for(adapter, hidden, record).items():
                 corrections[slot] = corrections[slot] + value if slot in corrections else value
-        thread = threading.get_ident()
+        thread = _thread_key()
         outer = self._corrections.get(thread)
         self._corrections[thread] = corrections
         try:
@@ -234,7 +252,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 self._corrections[thread] = outer
 
     def _add_correction(self, slot: str, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        corrections = self._corrections.get(threading.get_ident())
+        corrections = self._corrections.get(_thread_key())
         if corrections is None or slot not in corrections:
             return output
         return output + corrections[slot].to(output.dtype)
@@ -249,17 +267,36 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         state = self._input_state(adapter, record, batch, x.device)
         # Call the module (not its .weight) so sharding wrappers (FSDP, ZeRO-3) gather the weights.
         projected = write(x)
+        key = (self.layer_name, adapter)
+        if length == 1 and self._takes_token_step(settings, record):
+            write_mask = self._write_mask(valid, record, batch, 1)
+            read, final = ops.fused_token_step(projected, self.delta_mem_beta_bias[adapter], state, write_mask)
+            record.final_states[key] = final if record.keep_graph else final.detach()
+            if valid is not None:
+                read = read * valid.view(batch, 1, 1)
+            out = self.delta_mem_out[adapter](read.to(dtype)) * settings.scaling
+            return self._split_heads(out, settings)
         if settings.write_granularity == "segment":
             reads, final = self._segment_scan(adapter, x, projected, state, valid, record)
         else:
             reads, final = self._token_scan(adapter, projected, state, valid, record)
-        key = (self.layer_name, adapter)
         record.final_states[key] = final if record.keep_graph else final.detach()
         if valid is not None:
             reads = reads * valid[:, None, :, None]
         reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(dtype)
         out = self.delta_mem_out[adapter](reads) * settings.scaling
         return self._split_heads(out, settings)
+
+    @staticmethod
+    def _takes_token_step(settings: AdapterSettings, record: CallRecord) -> bool:
+        """A decoding step that the fused per-token function computes exactly (see ops.fused_token_step)."""
+        return (
+            settings.write_granularity == "token"
+            and record.writes
+            and not record.track_steps
+            and record.write_gate_stats is None
+            and ops.token_step_enabled()
+        )
 
     def _input_state(self, adapter: str, record: CallRecord, batch: int, device: torch.device) -> torch.Tensor:
         # Recorded once per call, so a recomputed (checkpointed) layer reads the same state.

@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import (
     check_target_module_exists,
 )
 from peft.utils import AuxiliaryTrainingWrapper
+import torch
 from torch import nn
 
 from .architectures import (
@@ -31,12 +32,14 @@ from .runtime import MEMORY_KWARG, MemoryRuntime
 from .state import DeltaMemory
 
 
+@torch.compiler.disable  # call bookkeeping stays eager when transformers compiles the model's __call__
 def _on_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Top-level forward pre-hook: one call boundary (outside every checkpointed region)."""
     runtime.begin_call(module, kwargs)
     return args, kwargs
 
 
+@torch.compiler.disable
 def _after_model_call(runtime: MemoryRuntime, module: nn.Module, args: tuple, kwargs: dict, output):
     """Top-level forward hook: the call completed; commit its memory and add its loss terms."""
     return runtime.end_call(module, kwargs, output)

@@ -153,8 +153,9 @@ class MemoryRuntime:
 
     def weights_fingerprint(self, adapter: str) -> str:
         """A hash of the adapter's weights; recomputed only after a weight changed (tensor version counters)."""
-        params = [p for layer in self.adapter_layers(adapter) for p in layer.adapter_parameters(adapter)]
-        key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+        # Called after every call that writes (decoding: every token), so the unchanged case is kept cheap.
+        params = [p for layer in self.adapter_layers(adapter) for p in layer.fingerprint_tensors(adapter)]
+        key = tuple((id(p), p.data_ptr(), p._version, p.shape) for p in params)
         with self._fingerprint_lock:
             cached = self._fingerprints.get(adapter)
             if cached is not None and cached[0] == key:
@@ -231,8 +232,8 @@ class MemoryRuntime:
         kwargs.pop("ablation_mode", None)  # informational key of DeltaMemDataCollator batches
         attention_mask = kwargs.get("attention_mask")
         generation = self.generation if memory is None and memory_stream is None else None
-        if generation is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
-            attention_mask = None  # a static cache's 4-D mask: the generation tracks the 2-D one
+        if generation is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            attention_mask = None  # a static cache's 4-D mask (or compiled generate's dict of them): generation tracks the 2-D one
         elif attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"δ-mem needs the 2-D (batch, length) attention_mask to know which tokens are padding; got shape "

@@ -304,10 +304,14 @@ def all_finite(tensors) -> bool:
     tensors = list(tensors)
     if not tensors:
         return True
+    try:  # the usual case, every tensor on one device: one cat, one check
+        return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+    except RuntimeError:  # tensors on several devices (a model spread over GPUs)
+        pass
+    first = tensors[0].device
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t.reshape(-1))
-    first = tensors[0].device
     flags = [torch.isfinite(torch.cat(group)).all().to(first) for group in by_device.values()]
     return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
 

@@ -5,6 +5,10 @@ per step (about 18 µs for one step at B = H = 1 on a 2-core CPU, vs 36 µs for 
 body). The update is rearranged as ``S - beta * (S + (S k - v) k^T)``, which is two ``addcmul``
 calls. A step with ``write_mask`` False runs with ``beta = 0``, which leaves the state
 bit-for-bit unchanged without a ``where``. T > 1 simply loops over the steps.
+
+:func:`fused_token_step` is the whole per-token memory step of a decoding layer (feature maps of the
+projected token, gate, read and update) in about ten ops instead of the fifty of the general path; the
+layers take it for single-token calls with token writes.
 """
 
 from __future__ import annotations
@@ -53,3 +57,36 @@ def fused_recurrent_delta_rule(
         read, state = _step(state, q[:, :, step], k[:, :, step], v[:, :, step], beta[:, :, step])
         reads.append(read)
     return torch.cat(reads, 2), state
+
+
+def fused_token_step(
+    projected: torch.Tensor,
+    beta_bias: torch.Tensor,
+    state: torch.Tensor,
+    write_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of a token-write layer, from the memory projection of the token to read and new state.
+
+    ``projected`` (B, 1, 4·H·r) is the token's memory projection (W_mq, W_mk, W_mv, W_β row blocks),
+    ``beta_bias`` (H·r) the gate bias, ``state`` (B, H, r, r), ``write_mask`` (B, 1) or None. Computes
+    ``q, k = normalize(tanh(.))``, ``beta = sigmoid(. + b_β)`` in the projection's dtype (as the general path
+    does) and the read-before-write step in float32. Returns ``(read (B, 1, H·r) float32, new_state)``; the
+    same numbers as the feature maps followed by :func:`fused_recurrent_delta_rule` with T = 1.
+    """
+    batch = projected.shape[0]
+    heads, r = state.shape[1], state.shape[-1]
+    blocks = projected.view(batch, 4, heads, r)
+    qk = torch.tanh(blocks[:, :2])
+    qk = qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+    beta = torch.sigmoid(blocks[:, 3] + beta_bias.view(heads, r))
+    value = blocks[:, 2]
+    if qk.dtype != torch.float32:
+        qk, beta, value = qk.float(), beta.float(), value.float()
+    if write_mask is not None:
+        beta = beta * write_mask.view(batch, 1, 1).to(beta.dtype)
+    state = state.float()
+    both = torch.matmul(state, qk.permute(0, 2, 3, 1))  # (B, H, r, 2): S q and S k in one batched GEMM
+    residual = both[..., 1] - value  # S k - v
+    new_state = torch.addcmul(state, residual.unsqueeze(-1), qk[:, 1].unsqueeze(-2))  # S + (S k - v) k^T
+    new_state = torch.addcmul(state, beta.unsqueeze(-1), new_state, value=-1.0)
+    return both[..., 0].reshape(batch, 1, heads * r), new_state
