@@ -289,7 +289,8 @@ def test_fused_token_step_matches_naive(heads: int, mask: str | None) -> None:
 
     gen = torch.Generator().manual_seed(21)
     b, r = 2, 8
-    write_mask = {None: None, "mixed": torch.tensor([[True], [False]]), "off": torch.zeros(b, 1, dtype=torch.bool)}[mask]
+    masks = {None: None, "mixed": torch.tensor([[True], [False]]), "off": torch.zeros(b, 1, dtype=torch.bool)}
+    write_mask = masks[mask]
 
     def inputs():
         projected = torch.randn(b, 1, 4 * heads * r, generator=torch.Generator().manual_seed(22)).requires_grad_(True)

@@ -7,6 +7,7 @@ import functools
 import inspect
 from collections.abc import Iterator
 
+import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -15,7 +16,6 @@ from peft.tuners.tuners_utils import (
     check_target_module_exists,
 )
 from peft.utils import AuxiliaryTrainingWrapper
-import torch
 from torch import nn
 
 from .architectures import (

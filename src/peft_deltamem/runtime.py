@@ -233,7 +233,8 @@ class MemoryRuntime:
         attention_mask = kwargs.get("attention_mask")
         generation = self.generation if memory is None and memory_stream is None else None
         if generation is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-            attention_mask = None  # a static cache's 4-D mask (or compiled generate's dict of them): generation tracks the 2-D one
+            # a static cache's 4-D mask (compiled generate: a dict of them); the generation tracks the 2-D one
+            attention_mask = None
         elif attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"δ-mem needs the 2-D (batch, length) attention_mask to know which tokens are padding; got shape "
