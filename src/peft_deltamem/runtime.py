@@ -366,7 +366,7 @@ class MemoryRuntime:
                 "The memory update of this call contains NaN or infinite values (non-finite inputs or activations?). "
                 "The memory was left unchanged."
             )
-        new = {layer: _plain(t.detach()) for layer, t in new.items()}
+        new = {layer: _standard_layout(_plain(t.detach())) for layer, t in new.items()}
         memory._commit(new, version, self.weights_fingerprint(memory.adapter_name))
 
 
@@ -376,6 +376,18 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False):
             return tensor.clone()
     return tensor
+
+
+def _standard_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """The state with row-major strides. A scan's final state can be a view with other strides (a slice of the
+    per-chunk states); one layout keeps a compiled model from compiling a variant for each."""
+    expected, step = [], 1
+    for size in reversed(tensor.shape):
+        expected.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(expected)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _call_batch(kwargs: dict) -> int | None:

