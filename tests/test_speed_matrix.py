@@ -1,0 +1,43 @@
+"""The decode/prefill matrix of scripts/bench_speed.py: its targets table says met or not for each cell."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import speed_matrix  # noqa: E402
+
+
+def cell(prefill: float, decode: float) -> dict:
+    return {
+        "prefill": {"frozen_ms": 100.0, "delta_mem_ms": 100.0 * prefill, "ratio": prefill},
+        "decode": {"frozen_ms": 10.0, "delta_mem_ms": 10.0 * decode, "ratio": decode},
+    }
+
+
+def test_targets_table_marks_each_cell():
+    matrix = {
+        "lengths": speed_matrix.lengths(quick=False),
+        "command": "python scripts/bench_speed.py --sections matrix",
+        "machine": "test machine",
+        "finished_at": "2026-01-01 00:00 UTC",
+        "load_before_run": 0.5,
+        "cells": [
+            {
+                "model": "reference",
+                "threads": 2,
+                "busy_core": False,
+                "eager": cell(1.04, 1.05),
+                "compiled": cell(1.06, 1.02),
+            },
+            {"model": "smollm2", "threads": 2, "busy_core": True, "eager": cell(1.09, 1.11)},
+        ],
+    }
+    lines = speed_matrix.render(matrix)
+    rows = [line for line in lines if line.startswith("| reference |") or line.startswith("| smollm2 |")]
+    assert "| reference | 2 | eager | 1.040× | yes | 1.050× | no |" in rows  # decode limit 1.03 on a quiet machine
+    assert "| reference | 2 | compiled | 1.060× | no | 1.020× | yes |" in rows  # prefill limit 1.05
+    assert "| smollm2 | 2, busy | eager | 1.090× | yes | 1.110× | no |" in rows  # 1.10 with the other core busy
+    assert not any("| smollm2 | 2, busy | compiled" in row for row in rows)  # busy rows: eager only
+    assert "| smollm2 | 2, other core busy | 1.090× | — | 1.110× | — | 10.00 / — ms |" in rows
