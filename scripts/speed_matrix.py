@@ -4,7 +4,7 @@ eager / compiled execution.
 Each cell runs in its own process (a clean thread pool; compiled code is built for that process's thread
 count) and measures, on one model, interleaved repetitions of
 
-- prefill: one forward over ``prompt`` tokens into an empty static cache, δ-mem writing a fresh memory;
+- prefill: one forward over ``prompt`` tokens into an emptied static cache, δ-mem writing into its memory;
 - decode: the per-token median of ``tokens`` single-token steps after that prefill;
 
 for the frozen model (plain transformers model, no PEFT wrapper) and the δ-mem model, eager and
@@ -75,7 +75,6 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
     inner = delta.get_base_model()
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, frozen.config.vocab_size, (1, n["prompt"]), generator=generator)
-    positions = torch.arange(n["prompt"])
 
     def new_cache(model):  # one size for both phases: the compiled prefill graph serves the decode's prefill too
         return StaticCache(config=model.config, max_cache_len=n["prompt"] + n["tokens"] + 1)
@@ -83,21 +82,19 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
     def memory(model):
         return {"memory": delta.new_memory(1)} if model is inner else {}
 
+    def step(model, cache, kw, ids, start: int, **extra):
+        """One call as generate() makes it: explicit positions into the static cache."""
+        at = torch.arange(start, start + ids.shape[1])
+        positions = dict(cache_position=at, position_ids=at[None])
+        return model(input_ids=ids, past_key_values=cache, use_cache=True, **positions, **extra, **kw)
+
     def prefill(model):
         cache, kw = new_cache(model), memory(model)
 
         def run() -> float:
             cache.reset()
             start = time.perf_counter()
-            model(
-                input_ids=prompt,
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=positions,
-                position_ids=positions[None],
-                logits_to_keep=1,
-                **kw,
-            )
+            step(model, cache, kw, prompt, 0, logits_to_keep=1)
             return time.perf_counter() - start
 
         return run
@@ -105,28 +102,11 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
     def decode(model):
         def run() -> float:
             cache, kw = new_cache(model), memory(model)
-            out = model(
-                input_ids=prompt,
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=positions,
-                position_ids=positions[None],
-                logits_to_keep=1,
-                **kw,
-            )
-            token = out.logits[:, -1:].argmax(-1)
+            token = step(model, cache, kw, prompt, 0, logits_to_keep=1).logits[:, -1:].argmax(-1)
             times = []
             for i in range(n["tokens"]):
-                position = torch.tensor([n["prompt"] + i])
                 start = time.perf_counter()
-                model(
-                    input_ids=token,
-                    past_key_values=cache,
-                    use_cache=True,
-                    cache_position=position,
-                    position_ids=position[None],
-                    **kw,
-                )
+                step(model, cache, kw, token, n["prompt"] + i)
                 times.append(time.perf_counter() - start)
             return statistics.median(times)
 
@@ -212,9 +192,9 @@ def render(matrix: dict) -> list[str]:
         "loop on the other core).",
         "",
         f"Ratios δ-mem / frozen (frozen = the plain transformers model, no PEFT wrapper), medians of {n['reps']} "
-        f"interleaved repetitions; prefill = {n['prompt']} tokens into an empty static cache (δ-mem writing a fresh "
-        f"memory), decode = median per-token step after that prompt ({n['tokens']} steps). The busy rows are measured "
-        "eager only. "
+        f"interleaved repetitions; prefill = {n['prompt']} tokens into an emptied static cache (δ-mem writing into "
+        f"its memory), decode = median per-token step after that prompt ({n['tokens']} steps). The busy rows are "
+        "measured eager only. "
         "Compiled = `torch.compile(model.forward)` with the static cache, as transformers' generate compiles it; the "
         "δ-mem model's call hooks (memory bookkeeping, one finiteness check per call) stay eager.",
         "",
