@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .chunk import chunk_delta_rule
-from .fused_recurrent import fused_recurrent_delta_rule, fused_token_step
+from .fused_recurrent import fused_recurrent_delta_rule
+from .fused_recurrent import fused_token_step as fused_token_step  # the layers' decoding step
 from .naive import naive_delta_rule
 
 ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -69,17 +70,6 @@ def token_step_enabled() -> bool:
     """Whether single-token decoding steps take :func:`fused_token_step` (the default implementation is
     ``"auto"`` or ``"fused_recurrent"``); under ``use_impl("naive")`` or ``"chunk"`` every step runs that scan."""
     return _default_impl in ("auto", "fused_recurrent")
-
-
-__all__ = [
-    "IMPLEMENTATIONS",
-    "delta_rule",
-    "delta_rule_states",
-    "fused_token_step",
-    "read_only",
-    "token_step_enabled",
-    "use_impl",
-]
 
 
 def delta_rule(
