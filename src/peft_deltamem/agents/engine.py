@@ -10,11 +10,13 @@ reply is returned, so a crash loses no completed turn; a turn that fails changes
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -27,6 +29,17 @@ from .session import RequestTooLarge, SessionPolicy, check_new_messages, new_mes
 from .store import SessionRecord, SessionStore, check_session_id
 
 logger = logging.getLogger(__name__)
+
+# Engines whose worker thread runs. At interpreter exit they are closed (queued turns finish, the worker is
+# joined): a worker left alive while the interpreter finalises can abort the process ("terminate called without
+# an active exception") in torch's thread-pool teardown.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_engines() -> None:
+    for engine in list(_RUNNING):
+        engine.close()
 
 
 @dataclass(frozen=True)
@@ -164,10 +177,12 @@ class ChatEngine:
         }
 
     def close(self) -> None:
+        """Finish the queued turns and stop the worker thread (also done at interpreter exit)."""
         self._closed = True
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()
+        _RUNNING.discard(self)
 
     # ------------------------------------------------------------------------------------------ worker
 
@@ -176,6 +191,7 @@ class ChatEngine:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="delta-mem-chat-engine", daemon=True)
                 self._worker.start()
+                _RUNNING.add(self)
 
     def _loop(self) -> None:
         held: list[_Request] = []  # turns of sessions that already had a turn in the last batch, in order
