@@ -126,9 +126,10 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(frozen: Callable[[], float], delta: Callable[[], float], reps: int) -> dict:
+def interleaved(frozen: Callable[[], float], delta: Callable[[], float], reps: int, warmup: int = 1) -> dict:
     """Median seconds of each and their ratio; repetitions alternate to cancel drift."""
-    frozen(), delta()  # warm-up
+    for _ in range(warmup):
+        frozen(), delta()
     a, b = [], []
     for _ in range(reps):
         a.append(frozen())

@@ -63,6 +63,7 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
     from peft import get_peft_model
     from transformers import StaticCache
 
+    from bench_speed import interleaved
     from peft_deltamem import DeltaMemConfig
 
     torch.set_num_threads(threads)
@@ -112,16 +113,10 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
 
         return run
 
-    def interleaved(make) -> dict:
-        runs = {"frozen": make(frozen), "delta_mem": make(inner)}
-        for run in runs.values():  # warm-up (and, compiled, the compilation)
-            run(), run()
-        seconds = {name: [] for name in runs}
-        for _ in range(n["reps"]):
-            for name, run in runs.items():
-                seconds[name].append(run())
-        f, d = statistics.median(seconds["frozen"]), statistics.median(seconds["delta_mem"])
-        return {"frozen_ms": f * 1e3, "delta_mem_ms": d * 1e3, "ratio": d / f}
+    def measure(make) -> dict:
+        # two warm-ups: compiled, the first call of a workload compiles it and the second its cache-filled variant
+        r = interleaved(make(frozen), make(inner), n["reps"], warmup=2)
+        return {"frozen_ms": r["frozen_s"] * 1e3, "delta_mem_ms": r["delta_mem_s"] * 1e3, "ratio": r["ratio"]}
 
     out = {}
     with torch.no_grad():
@@ -130,7 +125,7 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
                 start = time.perf_counter()
                 for model in (frozen, inner):
                     model.forward = torch.compile(model.forward, dynamic=False)
-            cell = {"prefill": interleaved(prefill), "decode": interleaved(decode)}
+            cell = {"prefill": measure(prefill), "decode": measure(decode)}
             if mode == "compiled":
                 cell["compile_and_measure_s"] = time.perf_counter() - start
             out[mode] = cell
