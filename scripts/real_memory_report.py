@@ -32,6 +32,8 @@ def describe(recipe: dict) -> str:
         parts.append("all questions")
     if recipe.get("copy_init"):
         parts.append(f"copy init {recipe['copy_init']:g}")
+    if recipe.get("cache_pool"):
+        parts.append(f"cached pool of {recipe['cache_pool']} episodes")
     if recipe.get("ablation_no_memory"):
         parts.append(f"no-memory rows {recipe['ablation_no_memory']:g}")
     data = recipe.get("data", {})
@@ -77,7 +79,7 @@ def main(argv=None):
                 else "– | – |"
             )
         )
-    ax.set_xlabel("training minutes (1 thread)")
+    ax.set_xlabel("training minutes")
     ax.set_ylabel("val recall, memory only (8-way)")
     ax.axhline(0.125, color="grey", ls=":", lw=1, label="chance (1/8)")
     if raw:

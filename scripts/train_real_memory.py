@@ -89,6 +89,13 @@ def main(argv=None):
         "--all-questions", action="store_true", help="train with one question per stated slot in each visible stream"
     )
     parser.add_argument("--copy-init", type=float, default=0.0, help="> 0: copy-path initialisation of W_mv/Δ_o")
+    parser.add_argument(
+        "--cache-pool",
+        type=int,
+        default=0,
+        help="> 0: train on a fixed pool of N train episodes, the frozen layers below the first adapted one run "
+        "once per episode (their time counts toward --max-minutes)",
+    )
     parser.add_argument("--max-facts", type=int, default=3)
     parser.add_argument("--max-small-talk", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
@@ -149,6 +156,7 @@ def main(argv=None):
         ablation_no_memory=args.ablation_no_memory,
         all_questions=args.all_questions,
         copy_init=args.copy_init,
+        cache_pool=args.cache_pool,
         eval_every=args.eval_every,
         n_val=args.n_val,
         seed=args.seed,
@@ -175,6 +183,7 @@ def main(argv=None):
             "results": results,
             "gap_recovered": gap_recovered(results),
             "train_minutes": history["train_minutes"],
+            "pool": history.get("pool"),
             "threads": args.threads,
             "recipe": asdict(recipe),
             "command": "python scripts/train_real_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -194,6 +203,8 @@ def ship(model, directory: Path, summary: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     r, recipe = summary["results"], summary["recipe"]
+    pool = summary.get("pool")
+    pool = f", of which {pool['seconds'] / 60:.1f} min computing the frozen layers of the episode pool" if pool else ""
     rows = "\n".join(
         f"| {name} | {r[mode]['accuracy']:.3f} | {r[mode]['top1']:.3f} | {r[mode]['gold_logprob']:.2f} |"
         for mode, name in (
@@ -213,7 +224,7 @@ Base model: {BASE_MODEL_NAME}. Trained with [peft-deltamem](../../README.md) on 
 (`peft_deltamem.eval.chat_facts`, seed {recipe["seed"]}, train split; data: `{recipe["data"]}`).
 
 Re-create (after `{INSTALL_COMMAND}`; {summary["threads"]} torch thread(s),
-{summary["train_minutes"]:.1f} min of training):
+{summary["train_minutes"]:.1f} min of training{pool}):
 
 ```bash
 {summary["command"]}

@@ -58,3 +58,17 @@ def test_other_memory_control_rotates_only_the_memory():
     assert [f["memory_segment_ids"] for f in rotated] == [[0, 0], [0, 0, 0], [0]]
     assert [f["input_ids"] for f in rotated] == [[10], [11], [12]]
     assert features[0]["memory_input_ids"] == [0]  # the originals are untouched
+
+
+def test_sessions_cut_the_conversation_at_greetings():
+    from peft_deltamem.eval.chat_facts import GREETINGS, sessions
+
+    greetings = {hello for hello, _ in GREETINGS}
+    counts = set()
+    for episode in generate_episodes("test", 40, ChatFactsConfig(max_sessions=3)):
+        parts = sessions(episode)
+        assert [m for part in parts for m in part] == episode.messages
+        assert all(part[0]["content"] in greetings for part in parts[1:])
+        assert not any(m["content"] in greetings for m in parts[0])
+        counts.add(len(parts))
+    assert counts == {1, 2, 3}

@@ -198,3 +198,39 @@ def test_generate_with_memory(smollm2):
         random_heads, tokenizer, memory[:, :0], ids, max_new_tokens=4, output_scores=True, return_dict_in_generate=True
     )
     assert (with_memory.scores[0] - empty.scores[0]).abs().max() > 1e-3  # the written memory is read while generating
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-chat-facts"
+MIN_GAIN = 0.15  # accuracy points over the frozen model; the card measured +0.33 on its 200 test episodes
+
+
+def test_shipped_adapter_recalls_facts_from_memory_on_unseen_episodes(smollm2):
+    """The committed adapter loads with PeftModel.from_pretrained and, on test-split episodes beyond the 200 its
+    model card reports, recalls from memory far above the frozen model without the history."""
+    import json
+
+    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
+    from peft_deltamem.eval.real_recall import evaluate
+
+    config = json.loads((SHIPPED / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DELTA_MEM" and "SmolLM2-135M-Instruct" in config["base_model_name_or_path"]
+    assert (SHIPPED / "adapter_model.safetensors").stat().st_size < 4 * 2**20
+    card = (SHIPPED / "README.md").read_text()
+    assert "python scripts/train_real_memory.py" in card and "--cache-pool" in card
+    model, tokenizer = smollm2()
+    peft_model = PeftModel.from_pretrained(model, SHIPPED).eval()
+    recipe = json.loads((SHIPPED / "results.json").read_text())["recipe"]
+    episodes = generate_episodes("test", 64, ChatFactsConfig(**recipe["data"]), start=5000)
+    features = [tokenize_episode(e, tokenizer) for e in episodes]
+    results = evaluate(peft_model, features, modes=("none", "memory"), pad_id=tokenizer.pad_token_id)
+    assert results["memory"]["accuracy"] >= results["none"]["accuracy"] + MIN_GAIN, results
+
+
+def test_real_demo_replays_sessions_and_prints_the_state_size(smollm2, capsys):
+    from peft_deltamem import demo_real
+
+    result = demo_real.main(["--episodes", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert result["episodes"] == 2 and 0 <= result["memory"] <= 2
+    assert "4 layers x 4 states x 8x8 = 1024 float32 numbers (4 KiB)" in out
+    assert out.count("visible context is only") == 2

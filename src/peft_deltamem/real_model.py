@@ -68,7 +68,7 @@ def load_smollm2(cache: bool = True):
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype="float32")
     model.eval()
-    model.config.name_or_path = BASE_MODEL_NAME
+    model.config.name_or_path = model.name_or_path = BASE_MODEL_NAME  # what save_pretrained's adapters name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cache:

@@ -196,6 +196,17 @@ def generate_episodes(split: str, n: int, config: ChatFactsConfig | None = None,
     return [generate_episode(split, start + i, config, seed) for i in range(n)]
 
 
+def sessions(episode: ChatFactsEpisode) -> list[list[dict]]:
+    """The conversation cut into its sessions: a later session opens with a greeting from the user."""
+    greetings = {hello for hello, _ in GREETINGS}
+    out: list[list[dict]] = []
+    for message in episode.messages:
+        if not out or (message["role"] == "user" and message["content"] in greetings):
+            out.append([])
+        out[-1].append(message)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ tokens
 
 
@@ -286,6 +297,7 @@ __all__ = [
     "generate_episode",
     "generate_episodes",
     "render_message",
+    "sessions",
     "tokenize_all_questions",
     "tokenize_episode",
 ]

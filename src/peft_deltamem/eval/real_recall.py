@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,18 +73,22 @@ def answer_logits(model, features: list[dict], mode: str, pad_id: int) -> torch.
     return logits[torch.arange(len(features)), index].float()
 
 
+def correct(logits: torch.Tensor, features: list[dict]) -> list[bool]:
+    """Per episode: is the gold value the argmax among the slot's candidate values?"""
+    return [int(logits[row, torch.tensor(f["candidates"])].argmax()) == f["gold"] for row, f in enumerate(features)]
+
+
 def score(logits: torch.Tensor, features: list[dict]) -> dict[str, float]:
     """Candidate accuracy (argmax among the slot's 8 values), full-vocabulary top-1 and mean gold log-prob."""
     logp = F.log_softmax(logits, dim=-1)
-    correct = top1 = total_logp = 0.0
+    correct_count = float(sum(correct(logits, features)))
+    top1 = total_logp = 0.0
     for row, f in enumerate(features):
-        cands = torch.tensor(f["candidates"])
-        correct += float(int(logp[row, cands].argmax()) == f["gold"])
         gold = f["candidates"][f["gold"]]
         top1 += float(int(logp[row].argmax()) == gold)
         total_logp += float(logp[row, gold])
     n = max(len(features), 1)
-    return {"accuracy": correct / n, "top1": top1 / n, "gold_logprob": total_logp / n, "n": len(features)}
+    return {"accuracy": correct_count / n, "top1": top1 / n, "gold_logprob": total_logp / n, "n": len(features)}
 
 
 def evaluate(model, features: list[dict], modes=MODES, pad_id: int = 0, batch_size: int = 16) -> dict[str, dict]:
@@ -114,6 +119,15 @@ def with_other_memory(features: list[dict], shift: int = 1) -> list[dict]:
             memory_segment_ids=features[(i + shift) % n]["memory_segment_ids"],
         )
         for i, f in enumerate(features)
+    ]
+
+
+def with_history(features: list[dict], histories: list[list[int]]) -> list[dict]:
+    """The same episodes with other history tokens (a truncated or retrieved context): ``context`` mode then
+    reads ``history + visible stream``, ``memory`` mode writes ``history`` (one segment)."""
+    return [
+        dict(f, memory_input_ids=h, memory_segment_ids=[0] * len(h), context_input_ids=h + f["input_ids"])
+        for f, h in zip(features, histories, strict=True)
     ]
 
 
@@ -149,6 +163,7 @@ class RecipeConfig:
     answer_tokens: str = "all"
     all_questions: bool = False  # train on one question per stated slot in each visible stream
     copy_init: float = 0.0  # > 0: start W_mv and Δ_o as a random orthonormal projection and its transpose (scaled)
+    cache_pool: int = 0  # > 0: train on a fixed pool of this many episodes from cached frozen hidden states
     eval_every: int = 25
     n_val: int = 64
     seed: int = 0
@@ -209,11 +224,70 @@ def _lr_factor(recipe: RecipeConfig, step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def _tokenized(episodes, tokenizer, recipe: RecipeConfig) -> list[dict]:
+    if recipe.all_questions:
+        return [tokenize_all_questions(e, tokenizer, recipe.answer_tokens, recipe.seed) for e in episodes]
+    return [tokenize_episode(e, tokenizer, recipe.answer_tokens) for e in episodes]
+
+
+def _hidden_pool(model, tokenizer, recipe: RecipeConfig, data: ChatFactsConfig) -> dict:
+    """``recipe.cache_pool`` train episodes with the frozen hidden states entering the first adapted layer of
+    both streams (computed once: the layers below are frozen and read no memory)."""
+    from ..training.frozen_prefix import first_adapted_layer, frozen_hidden
+
+    if recipe.curriculum_steps or recipe.ablation_no_memory:
+        raise ValueError(
+            "cache_pool trains on one fixed pool of episodes; it cannot be combined with curriculum_steps or "
+            "ablation_no_memory (set them to 0, or cache_pool=0 for episodes generated step by step)."
+        )
+    t0 = time.perf_counter()
+    features = _tokenized(generate_episodes("train", recipe.cache_pool, data, seed=recipe.seed), tokenizer, recipe)
+    pad_id = tokenizer.pad_token_id
+    memory = frozen_hidden(model, [f["memory_input_ids"] for f in features], pad_id)
+    visible = frozen_hidden(model, [f["input_ids"] for f in features], pad_id)
+    return {
+        "features": features,
+        "memory": memory,
+        "visible": visible,
+        "order": [],
+        "rng": random.Random(f"pool/{recipe.seed}"),
+        "episodes": len(features),
+        "start_layer": first_adapted_layer(model),
+        "tokens": sum(len(f["memory_input_ids"]) + len(f["input_ids"]) for f in features),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _pool_step(model, pool: dict, recipe: RecipeConfig):
+    """One batch of the pool (a fresh seeded shuffle every epoch) through :func:`cached_episode_forward`."""
+    from ..training.frozen_prefix import cached_episode_forward
+
+    if len(pool["order"]) < recipe.batch_size:
+        order = list(range(pool["episodes"]))
+        pool["rng"].shuffle(order)
+        pool["order"] = order
+    index = [pool["order"].pop() for _ in range(recipe.batch_size)]
+    features = [pool["features"][i] for i in index]
+    labels, _ = _pad([f["labels"] for f in features], -100)
+    segments = None
+    if recipe.write_granularity == "segment":
+        segments, mask = _pad([f["memory_segment_ids"] for f in features], -1)
+        segments[mask == 0] = -1
+    output = cached_episode_forward(
+        model, [pool["memory"][i] for i in index], [pool["visible"][i] for i in index], labels, segments
+    )
+    _, memory_mask = _pad([f["memory_input_ids"] for f in features], 0)
+    return {"labels": labels, "memory_attention_mask": memory_mask}, output
+
+
 def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | None = None, log=print) -> dict:
     """Train the δ-mem adapter of ``model`` (a PeftModel) on generated train episodes; evaluate on ``val``.
 
     Returns (and writes to ``log_path`` as JSON after every evaluation) the recipe, the per-step losses and
     times, and the validation curve (memory-only accuracy, plus the fixed no-memory / full-context references).
+    With ``recipe.cache_pool`` the steps draw from a fixed pool of train episodes whose frozen hidden states
+    below the first adapted layer are computed once (that time counts as training time), and run only the
+    layers from there up (:mod:`peft_deltamem.training.frozen_prefix`).
     """
     torch.manual_seed(recipe.seed)
     data = ChatFactsConfig(**{k: tuple(v) if k == "slots" else v for k, v in recipe.data.items()})
@@ -251,25 +325,37 @@ def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | 
     model.train()
     start = time.perf_counter()
     train_seconds = 0.0
+    pool = None
+    if recipe.cache_pool:
+        pool = _hidden_pool(model, tokenizer, recipe, data)
+        train_seconds = pool["seconds"]
+        history["pool"] = {k: v for k, v in pool.items() if k in ("episodes", "start_layer", "seconds", "tokens")}
+        log(
+            f"pool of {pool['episodes']} episodes: hidden states entering layer {pool['start_layer']} cached in "
+            f"{pool['seconds'] / 60:.1f} min (counted as training time)"
+        )
     step = 0
     for step in range(recipe.steps):
         if train_seconds / 60 >= recipe.max_minutes:
             log(f"time budget of {recipe.max_minutes} min reached after {step} steps")
             break
         t0 = time.perf_counter()
-        config = easy if step < recipe.curriculum_steps else data
-        episodes = generate_episodes(
-            "train", recipe.batch_size, config, seed=recipe.seed, start=step * recipe.batch_size
-        )
-        if recipe.all_questions:
-            tokenized = [tokenize_all_questions(e, tokenizer, recipe.answer_tokens, recipe.seed) for e in episodes]
-        else:
-            tokenized = [tokenize_episode(e, tokenizer, recipe.answer_tokens) for e in episodes]
-        features = [{k: v for k, v in t.items() if k in keys} for t in tokenized]
-        batch = collator(features)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * _lr_factor(recipe, step)
-        output = model(**batch)
+        if pool is not None:
+            batch, output = _pool_step(model, pool, recipe)
+        else:
+            config = easy if step < recipe.curriculum_steps else data
+            episodes = generate_episodes(
+                "train", recipe.batch_size, config, seed=recipe.seed, start=step * recipe.batch_size
+            )
+            if recipe.all_questions:
+                tokenized = [tokenize_all_questions(e, tokenizer, recipe.answer_tokens, recipe.seed) for e in episodes]
+            else:
+                tokenized = [tokenize_episode(e, tokenizer, recipe.answer_tokens) for e in episodes]
+            features = [{k: v for k, v in t.items() if k in keys} for t in tokenized]
+            batch = collator(features)
+            output = model(**batch)
         loss = output.loss
         with torch.no_grad():  # full-vocabulary top-1 on every labelled token of the batch (a noisy train curve)
             shifted = batch["labels"][:, 1:]
@@ -309,9 +395,11 @@ __all__ = [
     "RecipeConfig",
     "answer_logits",
     "apply_copy_init",
+    "correct",
     "evaluate",
     "gap_recovered",
     "score",
     "train_recipe",
+    "with_history",
     "with_other_memory",
 ]

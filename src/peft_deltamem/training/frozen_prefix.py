@@ -1,0 +1,149 @@
+"""Training δ-mem adapters that sit on upper layers only, from hidden states of the frozen layers below.
+
+When no layer below layer ``L`` carries an adapter, the hidden states entering layer ``L`` depend only on the
+text: the layers below are frozen and read no memory. They can be computed once per episode
+(:func:`frozen_hidden`) and reused for every epoch, and a training step then runs layers ``L..`` only
+(:func:`cached_episode_forward`), which is what makes a real model trainable on a CPU
+(scripts/train_real_memory.py ``--cache-pool``). :func:`cached_episode_forward` gives the same loss, logits
+and gradients as the episode forward of the whole model (``memory_input_ids=`` + ``input_ids=``); see
+tests/test_frozen_prefix.py.
+
+The decoder must expose ``get_decoder()`` with ``layers`` and ``norm`` (Llama, Qwen, Mistral, Gemma-3 text
+models) and take ``inputs_embeds`` unscaled (not Gemma, which multiplies its embeddings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..layer import DeltaMemLayer
+from ..runtime import CALL_KWARG, CallRecord
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _decoder(model) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if (
+        decoder is None
+        or not isinstance(getattr(decoder, "layers", None), nn.ModuleList)
+        or not hasattr(decoder, "norm")
+    ):
+        raise ValueError(
+            f"{type(base).__name__} has no decoder with `layers` and `norm` (get_decoder()); training from cached "
+            "hidden states supports Llama-like decoders. Train with the episode forward (memory_input_ids=) instead."
+        )
+    if getattr(base.config, "model_type", "").startswith("gemma"):
+        raise ValueError("Gemma scales its input embeddings, so cached hidden states cannot be fed as inputs_embeds.")
+    return decoder
+
+
+def first_adapted_layer(model) -> int:
+    """Index of the lowest decoder layer that carries a δ-mem adapter (ValueError when there is none)."""
+    indices = []
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaMemLayer):
+            match = _LAYER_INDEX.search(name + ".")
+            if match is None:
+                raise ValueError(f"cannot tell which decoder layer δ-mem module {name!r} belongs to")
+            indices.append(int(match.group(1)))
+    if not indices:
+        raise ValueError("the model has no δ-mem layers; wrap it with get_peft_model(model, DeltaMemConfig(...)).")
+    return min(indices)
+
+
+@contextlib.contextmanager
+def only_layers(model, start: int, stop: int | None = None) -> Iterator[None]:
+    """Run the decoder with its layers ``start:stop`` only, restoring the full stack afterwards."""
+    decoder = _decoder(model)
+    layers = decoder.layers
+    decoder.layers = nn.ModuleList(list(layers)[start:stop])
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+def pad_hidden(hidden: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-row ``(length, d)`` hidden states into ``(B, T, d)`` plus the 2-D attention mask."""
+    width = max((h.shape[0] for h in hidden), default=0)
+    first = hidden[0]
+    out = first.new_zeros((len(hidden), width, first.shape[-1]))
+    mask = torch.zeros((len(hidden), width), dtype=torch.long, device=first.device)
+    for i, h in enumerate(hidden):
+        out[i, : h.shape[0]] = h
+        mask[i, : h.shape[0]] = 1
+    return out, mask
+
+
+@torch.no_grad()
+def frozen_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
+    """For each token row, the ``(len(row), d)`` hidden states entering the first adapted layer.
+
+    Runs only the (frozen, adapter-free) layers below it, in batches of similar lengths.
+    """
+    start = first_adapted_layer(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = _decoder(model)
+    captured = []
+    hook = decoder.norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    was_training = base.training
+    base.eval()
+    try:
+        with only_layers(model, 0, start):
+            for s in range(0, len(order), batch_size):
+                index = order[s : s + batch_size]
+                width = max(len(rows[i]) for i in index)
+                ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, i in enumerate(index):
+                    ids[j, : len(rows[i])] = torch.as_tensor(rows[i], dtype=torch.long)
+                    mask[j, : len(rows[i])] = 1
+                captured.clear()
+                base(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                for j, i in enumerate(index):
+                    out[i] = captured[0][j, : len(rows[i])].clone()
+    finally:
+        hook.remove()
+        base.train(was_training)
+    return out
+
+
+def cached_episode_forward(
+    model,
+    memory_hidden: Sequence[torch.Tensor],
+    hidden: Sequence[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    memory_segment_ids: torch.Tensor | None = None,
+):
+    """The episode forward of ``model`` from :func:`frozen_hidden` states: the memory stream's states are written
+    into a fresh memory (with gradients), then the visible stream's states read it (writes off), both through
+    the layers from the first adapted one up. Returns the model output (``loss`` when ``labels`` is given).
+    """
+    start = first_adapted_layer(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    memory, memory_mask = pad_hidden(memory_hidden)
+    visible, mask = pad_hidden(hidden)
+    if labels is not None and tuple(labels.shape) != tuple(mask.shape):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the visible stream is {tuple(mask.shape)}")
+    with only_layers(model, start):
+        write = CallRecord(
+            attention_mask=memory_mask, segment_ids=memory_segment_ids, write_mask=None, writes=True, keep_graph=True
+        )
+        if memory.shape[1] > 0:
+            base(inputs_embeds=memory, attention_mask=memory_mask, use_cache=False, logits_to_keep=1,
+                 **{CALL_KWARG: write})  # fmt: skip
+        read = CallRecord(attention_mask=mask, segment_ids=None, write_mask=None, writes=False)
+        read.initial = dict(write.final_states)
+        return base(inputs_embeds=visible, attention_mask=mask, labels=labels, use_cache=False, **{CALL_KWARG: read})
+
+
+__all__ = ["cached_episode_forward", "first_adapted_layer", "frozen_hidden", "only_layers", "pad_hidden"]

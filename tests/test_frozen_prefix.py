@@ -1,0 +1,89 @@
+"""Training from cached hidden states of the frozen layers below the adapters equals the whole-model episode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_deltamem import DeltaMemConfig
+from peft_deltamem.tiny_models import tiny_model
+from peft_deltamem.training.frozen_prefix import cached_episode_forward, first_adapted_layer, frozen_hidden
+
+
+def _model(granularity: str, layers):
+    config = DeltaMemConfig(
+        task_type="CAUSAL_LM", r=4, num_state_heads=2, write_granularity=granularity, layers_to_transform=layers
+    )
+    model = get_peft_model(tiny_model("llama", num_layers=4), config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero Δ heads and gates, so that the memory changes the outputs
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _rows(lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _pad(rows, value):
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros_like(out)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return out, mask
+
+
+@pytest.mark.parametrize("granularity", ["token", "segment"])
+@pytest.mark.parametrize("layers", [[2, 3], [1, 3]])
+def test_cached_forward_equals_the_episode_forward(granularity, layers):
+    model = _model(granularity, layers)
+    model.train()
+    memory_rows, visible_rows = _rows([11, 7, 14], 0), _rows([5, 9, 6], 1)
+    memory, memory_mask = _pad(memory_rows, 0)
+    segments = torch.where(memory_mask.bool(), torch.arange(memory.shape[1]) // 3, -1)
+    visible, mask = _pad(visible_rows, 0)
+    labels = torch.where(mask.bool(), visible, -100)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    full = model(
+        input_ids=visible, attention_mask=mask, labels=labels, memory_input_ids=memory,
+        memory_attention_mask=memory_mask, memory_segment_ids=segments,
+    )  # fmt: skip
+    full_grads = torch.autograd.grad(full.loss, params)
+
+    assert first_adapted_layer(model) == layers[0]
+    memory_hidden = frozen_hidden(model, memory_rows, pad_id=0, batch_size=2)
+    hidden = frozen_hidden(model, visible_rows, pad_id=0)
+    assert [h.shape[0] for h in memory_hidden] == [11, 7, 14] and not any(h.requires_grad for h in hidden)
+    cached = cached_episode_forward(
+        model, memory_hidden, hidden, labels=labels, memory_segment_ids=segments if granularity == "segment" else None
+    )
+    cached_grads = torch.autograd.grad(cached.loss, params)
+
+    assert torch.allclose(cached.logits[mask.bool()], full.logits[mask.bool()], atol=1e-5)
+    assert torch.allclose(cached.loss, full.loss, atol=1e-6)
+    for a, b in zip(cached_grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # the decoder has its whole stack again, and the memory did change the answer
+    assert len(model.get_base_model().get_decoder().layers) == 4
+    with model.disable_adapter():
+        plain = model(input_ids=visible, attention_mask=mask).logits
+    assert not torch.allclose(plain[mask.bool()], full.logits[mask.bool()], atol=1e-3)
+
+
+def test_refuses_a_model_without_delta_mem_layers():
+    with pytest.raises(ValueError, match="no δ-mem layers"):
+        first_adapted_layer(tiny_model("llama"))
+
+
+def test_refuses_gemma_whose_embeddings_are_scaled():
+    config = DeltaMemConfig(task_type="CAUSAL_LM", r=4, layers_to_transform=[1])
+    model = get_peft_model(tiny_model("gemma3_text"), config)
+    with pytest.raises(ValueError, match="Gemma"):
+        frozen_hidden(model, [[3, 4, 5]], pad_id=0)
