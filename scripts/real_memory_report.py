@@ -70,7 +70,8 @@ def main(argv=None):
         test = results["results"] if results else None
         rows.append(
             f"| {run.name} | {describe(history['recipe'])} | {len(history['steps'])} | "
-            f"{sum(s['seconds'] for s in history['steps']) / 60:.1f} | {ref['none']['accuracy']:.2f} / "
+            f"{history.get('train_minutes', sum(s['seconds'] for s in history['steps']) / 60):.1f} | "
+            f"{ref['none']['accuracy']:.2f} / "
             f"{val[-1]['accuracy']:.2f} (best {best['accuracy']:.2f}) / {ref['context']['accuracy']:.2f} | "
             + (
                 f"{test['none']['accuracy']:.2f} / {test['memory']['accuracy']:.2f} / {test['context']['accuracy']:.2f}"

@@ -77,8 +77,25 @@ def test_cached_forward_equals_the_episode_forward(granularity, layers):
     assert not torch.allclose(plain[mask.bool()], full.logits[mask.bool()], atol=1e-3)
 
 
-def test_refuses_a_model_without_delta_mem_layers():
-    with pytest.raises(ValueError, match="no δ-mem layers"):
+def test_plain_cached_forward_of_a_lora_model_equals_its_forward():
+    from peft import LoraConfig
+
+    model = get_peft_model(
+        tiny_model("llama", num_layers=4),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3], init_lora_weights=False),
+    )
+    rows = _rows([6, 9], 2)
+    ids, mask = _pad(rows, 0)
+    labels = torch.where(mask.bool(), ids, -100)
+    full = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert first_adapted_layer(model) == 2
+    cached = cached_episode_forward(model, None, frozen_hidden(model, rows, pad_id=0), labels=labels)
+    assert torch.allclose(cached.logits[mask.bool()], full.logits[mask.bool()], atol=1e-5)
+    assert torch.allclose(cached.loss, full.loss, atol=1e-6)
+
+
+def test_refuses_a_model_without_adapter_layers():
+    with pytest.raises(ValueError, match="no adapter layers"):
         first_adapted_layer(tiny_model("llama"))
 
 

@@ -234,3 +234,17 @@ def test_real_demo_replays_sessions_and_prints_the_state_size(smollm2, capsys):
     assert result["episodes"] == 2 and 0 <= result["memory"] <= 2
     assert "4 layers x 4 states x 8x8 = 1024 float32 numbers (4 KiB)" in out
     assert out.count("visible context is only") == 2
+
+
+def test_real_model_md_loading_example_runs_as_written(smollm2, monkeypatch):
+    import re
+
+    text = (SHIPPED.parents[1] / "docs" / "real_model.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## The shipped adapter") :], re.S).group(1)
+    monkeypatch.chdir(SHIPPED.parents[1])
+    namespace: dict = {}
+    with torch.no_grad():
+        exec(compile(code, "docs/real_model.md", "exec"), namespace)
+    memory = namespace["memory"]
+    assert not memory.is_empty and sorted(memory.layers) == sorted(memory.states)
+    assert sum(t.numel() for t in memory.states.values()) == 1024

@@ -1,15 +1,15 @@
 """Training δ-mem adapters that sit on upper layers only, from hidden states of the frozen layers below.
 
-When no layer below layer ``L`` carries an adapter, the hidden states entering layer ``L`` depend only on the
-text: the layers below are frozen and read no memory. They can be computed once per episode
-(:func:`frozen_hidden`) and reused for every epoch, and a training step then runs layers ``L..`` only
-(:func:`cached_episode_forward`), which is what makes a real model trainable on a CPU
+When no layer below layer ``L`` carries an adapter (δ-mem, or any PEFT adapter), the hidden states entering
+layer ``L`` depend only on the text: the layers below are frozen and read no memory. They can be computed once
+per episode (:func:`frozen_hidden`) and reused for every epoch, and a training step then runs layers ``L..``
+only (:func:`cached_episode_forward`), which is what makes a real model trainable on a CPU
 (scripts/train_real_memory.py ``--cache-pool``). :func:`cached_episode_forward` gives the same loss, logits
 and gradients as the episode forward of the whole model (``memory_input_ids=`` + ``input_ids=``); see
 tests/test_frozen_prefix.py.
 
-The decoder must expose ``get_decoder()`` with ``layers`` and ``norm`` (Llama, Qwen, Mistral, Gemma-3 text
-models) and take ``inputs_embeds`` unscaled (not Gemma, which multiplies its embeddings).
+The decoder must expose ``get_decoder()`` with ``layers`` and ``norm`` (Llama, Qwen, Mistral and similar
+decoders) and take ``inputs_embeds`` unscaled (not Gemma, which multiplies its embeddings).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import re
 from collections.abc import Iterator, Sequence
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..layer import DeltaMemLayer
 from ..runtime import CALL_KWARG, CallRecord
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -45,16 +45,18 @@ def _decoder(model) -> nn.Module:
 
 
 def first_adapted_layer(model) -> int:
-    """Index of the lowest decoder layer that carries a δ-mem adapter (ValueError when there is none)."""
+    """Index of the lowest decoder layer that holds a PEFT adapter layer (δ-mem, LoRA, ...); ValueError when none."""
     indices = []
     for name, module in model.named_modules():
-        if isinstance(module, DeltaMemLayer):
+        if isinstance(module, BaseTunerLayer):
             match = _LAYER_INDEX.search(name + ".")
             if match is None:
-                raise ValueError(f"cannot tell which decoder layer δ-mem module {name!r} belongs to")
+                raise ValueError(f"cannot tell which decoder layer adapter module {name!r} belongs to")
             indices.append(int(match.group(1)))
     if not indices:
-        raise ValueError("the model has no δ-mem layers; wrap it with get_peft_model(model, DeltaMemConfig(...)).")
+        raise ValueError(
+            "the model has no adapter layers; wrap it with get_peft_model(model, DeltaMemConfig(...)) first."
+        )
     return min(indices)
 
 
@@ -119,7 +121,7 @@ def frozen_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size:
 
 def cached_episode_forward(
     model,
-    memory_hidden: Sequence[torch.Tensor],
+    memory_hidden: Sequence[torch.Tensor] | None,
     hidden: Sequence[torch.Tensor],
     labels: torch.Tensor | None = None,
     memory_segment_ids: torch.Tensor | None = None,
@@ -127,13 +129,17 @@ def cached_episode_forward(
     """The episode forward of ``model`` from :func:`frozen_hidden` states: the memory stream's states are written
     into a fresh memory (with gradients), then the visible stream's states read it (writes off), both through
     the layers from the first adapted one up. Returns the model output (``loss`` when ``labels`` is given).
+    With ``memory_hidden=None`` it is a plain forward of the visible stream (any adapter, e.g. LoRA).
     """
     start = first_adapted_layer(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    memory, memory_mask = pad_hidden(memory_hidden)
     visible, mask = pad_hidden(hidden)
     if labels is not None and tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the visible stream is {tuple(mask.shape)}")
+    if memory_hidden is None:
+        with only_layers(model, start):
+            return base(inputs_embeds=visible, attention_mask=mask, labels=labels, use_cache=False)
+    memory, memory_mask = pad_hidden(memory_hidden)
     with only_layers(model, start):
         write = CallRecord(
             attention_mask=memory_mask, segment_ids=memory_segment_ids, write_mask=None, writes=True, keep_graph=True
