@@ -104,3 +104,18 @@ def test_refuses_gemma_whose_embeddings_are_scaled():
     model = get_peft_model(tiny_model("gemma3_text"), config)
     with pytest.raises(ValueError, match="Gemma"):
         frozen_hidden(model, [[3, 4, 5]], pad_id=0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"cache_pool": 4}, "smaller than one batch"),
+        ({"cache_pool": -1}, "smaller than one batch"),
+        ({"cache_pool": 64, "curriculum_steps": 10}, "cannot be combined with curriculum_steps"),
+    ],
+)
+def test_a_recipe_with_a_pool_refuses_what_it_cannot_do(changes, message):
+    from peft_deltamem.eval.real_recall import RecipeConfig, _hidden_pool
+
+    with pytest.raises(ValueError, match=message):
+        _hidden_pool(None, None, RecipeConfig(batch_size=8, **changes), None)

@@ -235,6 +235,11 @@ def _hidden_pool(model, tokenizer, recipe: RecipeConfig, data: ChatFactsConfig) 
     both streams (computed once: the layers below are frozen and read no memory)."""
     from ..training.frozen_prefix import first_adapted_layer, frozen_hidden
 
+    if recipe.cache_pool < recipe.batch_size:
+        raise ValueError(
+            f"cache_pool={recipe.cache_pool} is smaller than one batch ({recipe.batch_size}); give at least "
+            "batch_size episodes (thousands, to generalise), or cache_pool=0 to generate episodes step by step."
+        )
     if recipe.curriculum_steps or recipe.ablation_no_memory:
         raise ValueError(
             "cache_pool trains on one fixed pool of episodes; it cannot be combined with curriculum_steps or "
