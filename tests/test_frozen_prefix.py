@@ -119,3 +119,13 @@ def test_a_recipe_with_a_pool_refuses_what_it_cannot_do(changes, message):
 
     with pytest.raises(ValueError, match=message):
         _hidden_pool(None, None, RecipeConfig(batch_size=8, **changes), None)
+
+
+def test_refuses_a_decoder_that_mixes_layer_types():
+    config = DeltaMemConfig(task_type="CAUSAL_LM", r=4, layers_to_transform=[1])
+    model = get_peft_model(
+        tiny_model("qwen2", num_layers=2, layer_types=["sliding_attention", "full_attention"], use_sliding_window=True),
+        config,
+    )
+    with pytest.raises(ValueError, match="mixes layer types"):
+        frozen_hidden(model, [[3, 4, 5]], pad_id=0)

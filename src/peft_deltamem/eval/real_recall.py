@@ -354,11 +354,7 @@ def train_recipe(model, tokenizer, recipe: RecipeConfig, log_path: str | Path | 
             episodes = generate_episodes(
                 "train", recipe.batch_size, config, seed=recipe.seed, start=step * recipe.batch_size
             )
-            if recipe.all_questions:
-                tokenized = [tokenize_all_questions(e, tokenizer, recipe.answer_tokens, recipe.seed) for e in episodes]
-            else:
-                tokenized = [tokenize_episode(e, tokenizer, recipe.answer_tokens) for e in episodes]
-            features = [{k: v for k, v in t.items() if k in keys} for t in tokenized]
+            features = [{k: v for k, v in t.items() if k in keys} for t in _tokenized(episodes, tokenizer, recipe)]
             batch = collator(features)
             output = model(**batch)
         loss = output.loss

@@ -41,6 +41,11 @@ def _decoder(model) -> nn.Module:
         )
     if getattr(base.config, "model_type", "").startswith("gemma"):
         raise ValueError("Gemma scales its input embeddings, so cached hidden states cannot be fed as inputs_embeds.")
+    if len(set(getattr(base.config, "layer_types", None) or ())) > 1:
+        raise ValueError(
+            "this decoder mixes layer types (e.g. sliding-window and full attention), which it looks up by position "
+            "in its layer stack; running a slice of the stack would give layers the wrong kind of attention mask."
+        )
     return decoder
 
 
