@@ -328,6 +328,8 @@ def plot(result, path) -> None:
     b.plot(x, [c["full_context_s"] for c in cost], marker="o", label="full context")
     b.plot(x, [c["memory_read_s"] for c in cost], marker="o", label="δ-mem read")
     b.set(xscale="log", yscale="log", xlabel="history tokens", ylabel="seconds per answer", title="cost per answer")
+    b.set_xticks(x, [str(v) for v in x], minor=False)
+    b.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
