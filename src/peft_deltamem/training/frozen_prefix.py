@@ -77,15 +77,16 @@ def only_layers(model, start: int, stop: int | None = None) -> Iterator[None]:
         decoder.layers = layers
 
 
-def pad_hidden(hidden: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad per-row ``(length, d)`` hidden states into ``(B, T, d)`` plus the 2-D attention mask."""
-    width = max((h.shape[0] for h in hidden), default=0)
-    first = hidden[0]
-    out = first.new_zeros((len(hidden), width, first.shape[-1]))
-    mask = torch.zeros((len(hidden), width), dtype=torch.long, device=first.device)
-    for i, h in enumerate(hidden):
-        out[i, : h.shape[0]] = h
-        mask[i, : h.shape[0]] = 1
+def pad_rows(rows: Sequence[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-row tensors of shape ``(length, ...)`` (token ids, hidden states) into ``(B, T, ...)`` filled
+    with ``value``, plus the 2-D attention mask."""
+    width = max((r.shape[0] for r in rows), default=0)
+    first = rows[0]
+    out = first.new_full((len(rows), width, *first.shape[1:]), value)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=first.device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
     return out, mask
 
 
@@ -108,12 +109,7 @@ def frozen_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size:
         with only_layers(model, 0, start):
             for s in range(0, len(order), batch_size):
                 index = order[s : s + batch_size]
-                width = max(len(rows[i]) for i in index)
-                ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for j, i in enumerate(index):
-                    ids[j, : len(rows[i])] = torch.as_tensor(rows[i], dtype=torch.long)
-                    mask[j, : len(rows[i])] = 1
+                ids, mask = pad_rows([torch.as_tensor(rows[i], dtype=torch.long) for i in index], pad_id)
                 captured.clear()
                 base(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
                 for j, i in enumerate(index):
@@ -138,13 +134,13 @@ def cached_episode_forward(
     """
     start = first_adapted_layer(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visible, mask = pad_hidden(hidden)
+    visible, mask = pad_rows(hidden)
     if labels is not None and tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the visible stream is {tuple(mask.shape)}")
     if memory_hidden is None:
         with only_layers(model, start):
             return base(inputs_embeds=visible, attention_mask=mask, labels=labels, use_cache=False)
-    memory, memory_mask = pad_hidden(memory_hidden)
+    memory, memory_mask = pad_rows(memory_hidden)
     with only_layers(model, start):
         write = CallRecord(
             attention_mask=memory_mask, segment_ids=memory_segment_ids, write_mask=None, writes=True, keep_graph=True
@@ -157,4 +153,4 @@ def cached_episode_forward(
         return base(inputs_embeds=visible, attention_mask=mask, labels=labels, use_cache=False, **{CALL_KWARG: read})
 
 
-__all__ = ["cached_episode_forward", "first_adapted_layer", "frozen_hidden", "only_layers", "pad_hidden"]
+__all__ = ["cached_episode_forward", "first_adapted_layer", "frozen_hidden", "only_layers", "pad_rows"]
