@@ -317,3 +317,87 @@ def test_a_fresh_adapter_is_the_same_in_every_process_so_stored_memories_stay_va
     second, _, _ = load_chat_model()
     a, b = first.state_dict(), second.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if "delta_mem_" in k)
+
+
+def test_chat_cli_save_onto_an_existing_file_says_so_and_goes_on(tmp_path):
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"the user's own file")
+    turns = tmp_path / "turns.txt"
+    turns.write_text(f"alice likes teal .\nand then trains\n/save {taken}\nbob likes ?\n/save {tmp_path / 'new.st'}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "peft_deltamem.cli", "chat", "--input", str(turns), "--sessions", str(tmp_path / "s")]
+        + ["--window", "1", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert f"(not saved: {taken}: it already exists; give another path" in done.stdout
+    assert taken.read_bytes() == b"the user's own file"  # nothing the user saved is overwritten
+    assert sum(line.startswith("assistant: ") for line in done.stdout.splitlines()) == 3  # the chat went on
+    assert (tmp_path / "new.st").is_file()
+
+
+def test_stats_of_the_no_memory_baseline_count_nothing_in_memory(tmp_path):
+    from peft_deltamem.agents.engine import ChatEngine
+    from peft_deltamem.agents.models import load_chat_model
+    from peft_deltamem.agents.session import SessionPolicy
+
+    model, tok, _ = load_chat_model()
+    for memory in (True, False):
+        engine = ChatEngine(model, tok, DirectoryStore(tmp_path / str(memory)), SessionPolicy(window=1), memory=memory)
+        try:
+            for text in ("alice likes teal .", "bob likes ?"):
+                engine.chat("s", [{"role": "user", "content": text}], PARAMS)
+            stats = engine.stats("s")
+        finally:
+            engine.close()
+        assert stats["messages"] == 4
+        assert stats["messages_in_memory"] == (2 if memory else 0)
+
+
+def test_the_served_model_name_shows_no_local_paths(tmp_path):
+    from peft_deltamem.agents.models import load_chat_model
+
+    tok = build_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok))
+    base.save_pretrained(tmp_path / "deep" / "base")
+    tok.save_pretrained(tmp_path / "deep" / "base")
+    get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path / "deep" / "my-adapter")
+    _, _, name = load_chat_model(str(tmp_path / "deep" / "base"), str(tmp_path / "deep" / "my-adapter"))
+    assert name == "base+my-adapter" and str(tmp_path) not in name
+
+
+@pytest.mark.parametrize("foreign", ["other weights", "other config"])
+def test_a_session_the_model_cannot_read_fails_alone_and_is_not_re_saved(tokenizer, model, tmp_path, foreign):
+    """A session written under other adapter weights (or another configuration) is refused even inside a batch
+    (the batch joins memories with DeltaMemory.cat); its neighbour's turn is served as if it ran alone."""
+    if foreign == "other weights":
+        writer = make_model(tokenizer, seed=1)  # same configuration, other weights
+    else:
+        base = tiny_model("llama", seed=0, vocab_size=len(tokenizer))
+        writer = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", r=4, init_weights=False)).eval()
+    other = engine_for(writer, tokenizer, tmp_path / "sessions")
+    try:
+        run_turns(other, "bad", USER_TURNS[:3])
+    finally:
+        other.close()
+    alone = engine_for(model, tokenizer, tmp_path / "alone")
+    try:
+        expected = run_turns(alone, "good", USER_TURNS[:3])[-1]
+    finally:
+        alone.close()
+    engine = engine_for(model, tokenizer, tmp_path / "sessions", max_batch_size=4, batch_wait_s=0.5)
+    stored = (tmp_path / "sessions" / "bad" / "session.json").read_bytes()
+    try:
+        run_turns(engine, "good", USER_TURNS[:2])
+        bad = engine.submit("bad", [{"role": "user", "content": "alice likes ?"}], PARAMS)
+        good = engine.submit("good", [{"role": "user", "content": USER_TURNS[2]}], PARAMS)
+        assert good.result().reply == expected
+        with pytest.raises(ValueError, match="written with other weights" if foreign == "other weights" else "its r"):
+            bad.result()
+    finally:
+        engine.close()
+    assert (tmp_path / "sessions" / "bad" / "session.json").read_bytes() == stored

@@ -459,3 +459,58 @@ def test_transformers_load_adapter_twice_with_two_names_still_works(saved):
     assert sorted(layer.settings) == ["default", "second"]
     with pytest.raises(ValueError, match=r"Adapter with name second already exists"):  # transformers' own check
         base.load_adapter(str(saved), adapter_name="second")
+
+
+def test_an_episode_batch_with_nothing_to_learn_is_refused_instead_of_a_nan_loss(peft_llama):
+    labels = torch.full((2, 6), -100)
+    labels[1, 0] = 5  # the first position is never predicted: still nothing to learn
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] have labels that are all -100"):
+        peft_llama(input_ids=random_ids(2, 6), memory_input_ids=random_ids(2, 4), labels=labels)
+    labels[1, 3] = 5  # one supervised token in the batch: a finite loss
+    loss = peft_llama(input_ids=random_ids(2, 6), memory_input_ids=random_ids(2, 4), labels=labels).loss
+    assert torch.isfinite(loss)
+
+
+def test_a_peft_model_pickles_and_unpickles_to_the_same_outputs(peft_llama):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(peft_llama))
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        memory, other = peft_llama.new_memory(1), clone.new_memory(1)
+        expected = peft_llama(input_ids=ids, memory=memory).logits
+        assert torch.equal(clone(input_ids=ids, memory=other).logits, expected)
+    assert torch.equal(memory.states[next(iter(memory.states))], other.states[next(iter(other.states))])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda tmp: __import__("peft_deltamem").convert_reference_adapter(tmp, tmp / "out", overwrite="no"),
+        lambda tmp: __import__("peft_deltamem.training.episodes", fromlist=["x"]).EpisodeConfig(context_stream="no"),
+        lambda tmp: __import__("peft_deltamem.training.episodes", fromlist=["x"]).EpisodeConfig(system_in_memory=1),
+        lambda tmp: __import__("peft_deltamem.training.collator", fromlist=["x"]).DeltaMemDataCollator(
+            pad_token_id=0, return_ablation_mode="False"
+        ),
+        lambda tmp: __import__("peft_deltamem.training.callbacks", fromlist=["x"]).MemoryHealthCallback(
+            check_columns="yes"
+        ),
+        lambda tmp: __import__("peft_deltamem.training.callbacks", fromlist=["x"]).MemoryHealthCallback(
+            require_memory_stream=0
+        ),
+        lambda tmp: __import__("peft_deltamem.real_model", fromlist=["x"]).load_smollm2(cache="no"),
+    ],
+)
+def test_boolean_parameters_refuse_other_values(call, tmp_path):
+    """A truthy string such as "no" must not silently mean True (overwrite="no" used to overwrite)."""
+    with pytest.raises(TypeError, match=r"must be True or False, got"):
+        call(tmp_path)
+
+
+def test_the_chat_engine_refuses_a_non_bool_memory_flag(tmp_path):
+    from peft_deltamem.agents.engine import ChatEngine
+    from peft_deltamem.agents.store import DirectoryStore
+    from peft_deltamem.recall_task import build_tokenizer
+
+    with pytest.raises(TypeError, match=r"memory must be True or False, got 'off'"):
+        ChatEngine(make_peft(tiny_model("llama")), build_tokenizer(), DirectoryStore(tmp_path), memory="off")

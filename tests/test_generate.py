@@ -164,3 +164,22 @@ def test_mixed_adapter_batches_raise():
     model = peft_for_generation()
     with pytest.raises(ValueError, match="mixed-adapter"):
         model(input_ids=random_ids(2, 4), adapter_names=["default", "default"])
+
+
+def test_a_batch_of_prompts_with_a_memory_of_fewer_rows_is_refused_and_the_memory_kept():
+    model = peft_for_generation()
+    mem = model.new_memory(1)
+    with torch.no_grad():
+        model(input_ids=random_ids(1, 5, seed=4), memory=mem)
+    before = mem.states
+    prompts = random_ids(2, 6)
+    with pytest.raises(ValueError, match=r"generate\(\) got 2 prompt rows but the memory has 1.*num_return_sequences"):
+        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2, memory=mem)
+    assert all(torch.equal(before[k], v) for k, v in mem.states.items())
+    # several replies to one prompt still read the one row: num_return_sequences says so
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompts[:1], attention_mask=torch.ones_like(prompts[:1]), max_new_tokens=2, memory=mem,
+            do_sample=True, num_return_sequences=2,
+        )  # fmt: skip
+    assert out.shape[0] == 2

@@ -510,7 +510,7 @@ def test_assisted_decoding_with_an_assistant_model_equals_greedy():
 def test_generate_batch_must_match_the_memory_rows():
     model = gen_model()
     memory = model.new_memory(2)
-    with pytest.raises(ValueError, match="runs 3 rows but the memory has 2"):
+    with pytest.raises(ValueError, match="got 3 prompt rows but the memory has 2"):
         model.generate(input_ids=random_ids(3, 4), memory=memory, max_new_tokens=2)
     assert memory.is_empty
 
@@ -546,3 +546,46 @@ def test_generate_under_inference_mode_then_a_training_call():
     ids = random_ids(1, 4, seed=1)
     model(input_ids=ids, labels=ids, memory=memory).loss.backward()
     assert not memory.is_empty
+
+
+# ------------------------------------------------------------------------- the weights that wrote a memory
+
+
+def _other_weights():
+    """A model of the same configuration whose adapter weights differ."""
+    other = gen_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    return other
+
+
+def test_a_memory_from_another_model_in_the_same_process_is_refused():
+    model, other = gen_model(), _other_weights()
+    memory = written(model)
+    before = memory.states
+    with pytest.raises(ValueError, match="written with other weights"):
+        other(input_ids=random_ids(1, 4), memory=memory)
+    with pytest.raises(ValueError, match="written with other weights"):
+        other.generate(input_ids=random_ids(1, 4), memory=memory, max_new_tokens=2)
+    assert states_equal(memory.states, before)
+    model(input_ids=random_ids(1, 4), memory=memory)  # its own model still reads it
+    other(input_ids=random_ids(1, 4), memory=other.new_memory(1))  # and an empty memory fits any weights
+    fresh = model.new_memory(1)
+    other(input_ids=random_ids(1, 4), memory=fresh)
+    assert fresh.weights_hash == other.new_memory(1).weights_hash  # re-stamped by the model that wrote it
+
+
+def test_cat_keeps_the_weights_that_wrote_the_rows_and_refuses_to_mix_them(tmp_path):
+    model, other = gen_model(), _other_weights()
+    native, foreign = written(model), written(other, seed=3)
+    foreign.save(tmp_path / "foreign.safetensors")
+    loaded = DeltaMemory.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="written by different weights"):
+        DeltaMemory.cat([native, loaded])
+    joined = DeltaMemory.cat([native, model.new_memory(1), written(model, seed=4)])
+    assert joined.weights_hash == native.weights_hash
+    model(input_ids=random_ids(3, 4), memory=joined)
+    with pytest.raises(ValueError, match="written with other weights"):
+        model(input_ids=random_ids(1, 4), memory=loaded.select([0]))

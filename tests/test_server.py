@@ -228,3 +228,80 @@ def test_two_server_processes_share_a_session_through_redis(saved_model, redis_u
     finally:
         stop(first), stop(second)
     assert got == expected
+
+
+# ------------------------------------------------------------------------------ in-process app (no subprocess)
+
+
+@pytest.fixture()
+def app_client(saved_model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from peft_deltamem.agents.server import create_app
+
+    _, model, tokenizer = saved_model
+    store = DirectoryStore(tmp_path / "sessions")
+    engine = ChatEngine(model, tokenizer, store, SessionPolicy(window=2))
+    try:
+        with TestClient(create_app(engine, "m")) as test_client:
+            yield test_client, store
+    finally:
+        engine.close()
+
+
+def test_a_chunked_body_over_the_limit_is_refused(app_client):
+    from peft_deltamem.agents.server import MAX_REQUEST_BYTES
+
+    test_client, _ = app_client
+    headers = {"X-Session-Id": "s", "Content-Type": "application/json"}
+
+    def body():  # no Content-Length: sent with chunked transfer encoding
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 50_000
+        yield b'"}]}'
+
+    response = test_client.post("/v1/chat/completions", content=body(), headers=headers)
+    assert response.status_code == 413, response.text
+    assert f"the limit is {MAX_REQUEST_BYTES}" in response.json()["error"]["message"]
+    small = test_client.post(
+        "/v1/chat/completions",
+        content=iter([b'{"messages": [{"role": "user", "content": "alice likes teal ."}], ', b'"max_tokens": 2}']),
+        headers=headers,
+    )
+    assert small.status_code == 200, small.text  # a chunked body within the limit is served
+
+
+@pytest.mark.parametrize(
+    ("damage", "phrase"),
+    [
+        (lambda meta: meta.write_text("{not json"), "Expecting property name"),
+        (lambda meta: meta.write_text('{"version": 1, "messages": "hi", "processed": 0, "stats": {}}'), "'messages'"),
+        (lambda meta: meta.write_text('{"version": 1, "messages": [], "processed": 7, "stats": {}}'), "'processed'"),
+    ],
+)
+def test_a_damaged_session_is_a_500_naming_it_and_left_for_inspection(app_client, damage, phrase):
+    test_client, store = app_client
+    ok = test_client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "alice likes teal ."}], "max_tokens": 2},
+        headers={"X-Session-Id": "s"},
+    )
+    assert ok.status_code == 200
+    meta = store.root / "s" / "session.json"
+    damage(meta)
+    damaged = meta.read_bytes()
+    for response in (
+        test_client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "bob likes ?"}], "max_tokens": 2},
+            headers={"X-Session-Id": "s"},
+        ),
+        test_client.get("/v1/sessions/s"),
+    ):
+        assert response.status_code == 500, response.text
+        error = response.json()["error"]
+        assert error["type"] == "server_error"
+        assert "session 's'" in error["message"] and str(meta) in error["message"] and phrase in error["message"]
+    assert meta.read_bytes() == damaged  # left as it was
+    assert test_client.delete("/v1/sessions/s").status_code == 200  # and can be deleted

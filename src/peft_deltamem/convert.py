@@ -108,6 +108,9 @@ def convert_reference_adapter(
     shapes that do not fit the config, and configs whose computation this package cannot reproduce
     raise ``ValueError`` naming the key or field. Returns the output directory.
     """
+    from .runtime import check_bool
+
+    check_bool(overwrite, "overwrite")
     output = Path(output_dir).expanduser()
     _check_output(output, overwrite)
     source_dir, source = _resolve_reference(reference_dir)

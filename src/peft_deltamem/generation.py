@@ -290,6 +290,13 @@ def generate_with_memory(
     prompt = kwargs.get("input_ids", args[0] if args else None)
     if prompt is None:
         prompt = kwargs.get("inputs_embeds")
+    if memory is not None and prompt is not None and prompt.shape[0] != memory.batch_size:
+        raise ValueError(
+            f"generate() got {prompt.shape[0]} prompt rows but the memory has {memory.batch_size}: each prompt row "
+            "reads and updates its own memory row. Pass model.new_memory(batch_size={0}) or DeltaMemory.cat([...]) "
+            "with one row per prompt; for several replies to one prompt, pass one prompt row and "
+            "num_return_sequences (or num_beams).".replace("{0}", str(prompt.shape[0]))
+        )
     generation_config = kwargs.get("generation_config") or model.generation_config
     rollback = any(
         kwargs.get(name, getattr(generation_config, name, None)) not in (None, False) for name in _ROLLBACK_OPTIONS

@@ -23,6 +23,8 @@ def push_to_hub(
     card or a generic template, which drops the note telling users to ``import peft_deltamem``.
     This helper keeps the card that ``save_pretrained`` wrote. Returns the commit info.
     """
+    if private is not None and not isinstance(private, bool):
+        raise TypeError(f"private must be True, False or None, got {private!r} ({type(private).__name__}).")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

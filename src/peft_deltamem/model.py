@@ -301,6 +301,11 @@ class DeltaMemModel(BaseTuner):
         """An empty float32 memory with ``batch_size`` rows for ``adapter_name`` (default: the active adapter)."""
         return self.memory_runtime.new_memory(batch_size, self._adapter(adapter_name))
 
+    def check_memory(self, memory: DeltaMemory) -> None:
+        """Raise (TypeError / ValueError naming the mismatch) unless this model can use ``memory``: its adapter,
+        configuration and the adapter weights that wrote it. Every call taking ``memory=`` checks this itself."""
+        self.memory_runtime.check_memory(memory)
+
 
 def _remove_model_hooks(model: nn.Module) -> None:
     """Undo _post_injection_hook: the call hooks, generate(), new_memory and the load guard."""

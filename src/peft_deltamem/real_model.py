@@ -58,6 +58,9 @@ def load_smollm2(cache: bool = True):
     """
     import copy
 
+    from .runtime import check_bool
+
+    check_bool(cache, "cache")
     directory = smollm2_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -109,6 +109,16 @@ class MemoryRuntime:
         clone.configs = copy.deepcopy(self.configs, memo)
         return clone
 
+    def __getstate__(self) -> dict:
+        # Pickling (multiprocessing launchers, torch.save of a whole model) keeps the registry and configs; the
+        # per-thread call state, the lock and the fingerprint cache belong to this process and start anew.
+        return {"layers": self.layers, "configs": self.configs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.layers = state["layers"]
+        self.configs = state["configs"]
+
     # ------------------------------------------------------------------------------ thread-local state
 
     def current_record(self) -> CallRecord | None:
@@ -203,14 +213,16 @@ class MemoryRuntime:
                     f"{getattr(memory, name)!r} but the adapter has {value!r}. A memory can only be used with the "
                     "adapter configuration that wrote it."
                 )
-        if not memory._weights_checked:
-            current = self.weights_fingerprint(memory.adapter_name)
-            if memory.weights_hash is not None and memory.weights_hash != current:
-                raise ValueError(
-                    f"This memory was written with other weights of adapter {memory.adapter_name!r} (fingerprint "
-                    f"{memory.weights_hash}, the model has {current}); its states would not mean the same here."
-                )
-            memory._weights_checked = True
+        # Every memory carries the fingerprint of the weights that wrote it (from new_memory, through every call,
+        # row operation and file), so one written by another model, or by these weights before they changed, is
+        # refused however it got here. An empty memory holds nothing that depends on the weights.
+        current = self.weights_fingerprint(memory.adapter_name)
+        if memory.weights_hash is not None and memory.weights_hash != current and not memory.is_empty:
+            raise ValueError(
+                f"This memory was written with other weights of adapter {memory.adapter_name!r} (fingerprint "
+                f"{memory.weights_hash}, the model has {current}); its states would not mean the same here. Use "
+                "the memory with the model (and adapter weights) that wrote it, or start from model.new_memory()."
+            )
 
     # ------------------------------------------------------------------------------------------ calls
 
@@ -254,6 +266,7 @@ class MemoryRuntime:
                 )
             self._attach_memory(record, memory, adapters, kwargs)
         elif memory_stream is not None:
+            _check_episode_labels(kwargs.get("labels"))
             if adapters:
                 self._run_episode_write(
                     module, record, kwargs, memory_stream, memory_stream_mask, segment_ids, adapters
@@ -409,6 +422,20 @@ def _add_loss_terms(output, terms: list, kwargs: dict):
         penalty = penalty * (labels[..., 1:] != -100).sum().to(penalty.device) / total_items
     output.loss = output.loss + penalty
     return output
+
+
+def _check_episode_labels(labels) -> None:
+    """An episode batch whose labels supervise nothing would give a NaN loss (a mean over no token): refuse it."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return
+    supervised = (labels[:, 1:] != -100).sum(dim=1)  # the causal loss predicts labels[:, 1:]
+    if labels.shape[0] and not bool(supervised.any()):
+        raise ValueError(
+            f"no row of this episode batch has a supervised token: rows {list(range(labels.shape[0]))} have labels "
+            "that are all -100 after the first position (the loss predicts labels[:, 1:]), so the loss would be NaN. "
+            "Label the answer tokens of each episode (DeltaMemDataCollator refuses such episodes), or leave these "
+            "rows out."
+        )
 
 
 def _refuse_packed(kwargs: dict, attention_mask: torch.Tensor | None) -> None:

@@ -67,7 +67,6 @@ class DeltaMemory:
         self.layers = tuple(layers)
         self.config_hash = config_hash
         self.weights_hash = weights_hash
-        self._weights_checked = True  # False for a loaded memory until first used with the model
         self._lock = threading.RLock()
         self._version = 0
         self._states = dict(states)
@@ -116,7 +115,6 @@ class DeltaMemory:
         memory = DeltaMemory(
             **{k: getattr(self, k) for k in _DESCRIPTOR}, weights_hash=self.weights_hash, states=states
         )
-        memory._weights_checked = self._weights_checked
         return memory
 
     def clone(self) -> DeltaMemory:
@@ -150,10 +148,17 @@ class DeltaMemory:
                 with m._lock:
                     parts.append(m._states[name].to(first._states[name].device))
             states[name] = torch.cat(parts, 0)
-        hashes = {m.weights_hash for m in memories}
+        # The weights that wrote the rows travel with them: rows written by different weights are never joined
+        # (an empty memory was written by nothing and joins any).
+        hashes = {m.weights_hash for m in memories if not m.is_empty} or {first.weights_hash}
+        if len(hashes) > 1:
+            raise ValueError(
+                f"DeltaMemory.cat: the memories were written by different weights of adapter {first.adapter_name!r} "
+                f"(fingerprints {sorted(map(str, hashes))}); rows of one memory must come from one set of weights. "
+                "Use each memory with the model that wrote it."
+            )
         memory = first._like(states)
-        memory.weights_hash = hashes.pop() if len(hashes) == 1 else None
-        memory._weights_checked = all(m._weights_checked for m in memories)
+        memory.weights_hash = hashes.pop()
         return memory
 
     def reset(self, rows=None) -> None:
@@ -191,7 +196,6 @@ class DeltaMemory:
             self._states = merged
             self._version += 1
             self.weights_hash = weights_hash
-            self._weights_checked = True
 
     def _validate(self, states: dict[str, torch.Tensor]) -> None:
         if set(states) != set(self.layers):
@@ -256,7 +260,6 @@ class DeltaMemory:
         if not tensors:
             raise ValueError(f"{source} hold no layer states.")
         memory = cls(**kwargs, weights_hash=weights_hash, states=tensors)
-        memory._weights_checked = False
         return memory
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:

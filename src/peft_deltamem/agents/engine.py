@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..runtime import check_bool
 from ..state import DeltaMemory
 from .session import RequestTooLarge, SessionPolicy, check_new_messages, new_messages, plan_turn
 from .store import SessionRecord, SessionStore, check_session_id
@@ -100,6 +101,7 @@ class ChatEngine:
         limits: Limits | None = None,
         memory: bool = True,
     ) -> None:
+        check_bool(memory, "memory")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         self.model = model.eval()
@@ -170,7 +172,8 @@ class ChatEngine:
         return {
             "session_id": session_id,
             "messages": len(record.messages),
-            "messages_in_memory": record.processed,
+            # without the memory (the baseline), messages that left the window are dropped, not written
+            "messages_in_memory": record.processed if self.memory else 0,
             "window": self.policy.window,
             "state_norm": norm,
             **record.stats,
@@ -252,6 +255,8 @@ class ChatEngine:
                         if record.memory is not None
                         else self.model.new_memory(batch_size=1)
                     )
+                    if self.memory:  # a session this model cannot read fails alone, not its batch
+                        self.model.check_memory(memory)
                 except BaseException as error:  # noqa: BLE001 - only this request fails
                     request.future.set_exception(error)
                     continue

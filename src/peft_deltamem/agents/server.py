@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import ChatEngine, GenerationParams
 from .session import RequestTooLarge
-from .store import InvalidSessionId, SessionBusy
+from .store import CorruptSession, InvalidSessionId, SessionBusy
 
 MAX_REQUEST_BYTES = 1_000_000
 
@@ -47,12 +47,7 @@ def create_app(engine: ChatEngine, model_name: str, default_max_tokens: int = 25
     app = FastAPI(title="peft-deltamem", description="OpenAI-compatible chat with per-session δ-mem memory")
     created = int(time.time())
 
-    @app.middleware("http")
-    async def bounded_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
-            return _error(413, f"request body of {length} bytes; the limit is {MAX_REQUEST_BYTES}")
-        return await call_next(request)
+    app.add_middleware(BoundedBody, limit=MAX_REQUEST_BYTES)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -69,6 +64,10 @@ def create_app(engine: ChatEngine, model_name: str, default_max_tokens: int = 25
     @app.exception_handler(SessionBusy)
     async def busy(request: Request, error: SessionBusy):
         return _error(409, str(error))
+
+    @app.exception_handler(CorruptSession)
+    async def corrupt(request: Request, error: CorruptSession):
+        return _error(500, str(error), "server_error")
 
     @app.exception_handler(ValueError)
     async def bad_request(request: Request, error: ValueError):
@@ -169,8 +168,48 @@ def _usage(result) -> dict:
     }
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error"}})
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+class BoundedBody:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413, however it arrives (with a Content-Length or
+    chunked); at most ``limit`` bytes are read before the request is refused."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(f"request body of {int(length)} bytes", scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._refuse(f"request body of more than {size - len(chunk)} bytes", scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, what: str, scope, receive, send):
+        await _error(413, f"{what}; the limit is {self.limit}")(scope, receive, send)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -28,6 +28,13 @@ class InvalidSessionId(ValueError):
     """A session id that could escape the store or is not a plain name."""
 
 
+class CorruptSession(RuntimeError):
+    """A stored session that cannot be read (damaged on the server's side, not the client's fault).
+
+    It names the session and where it is stored; the stored data is left as it was, for inspection.
+    """
+
+
 class SessionBusy(TimeoutError):
     """Another turn of the same session holds its lock."""
 
@@ -59,10 +66,23 @@ class SessionRecord:
 
     @classmethod
     def from_dict(cls, data: dict, memory: bytes | None) -> SessionRecord:
+        """The record of ``data`` (as :meth:`to_dict` wrote it); ValueError naming the field that is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the record is a JSON {type(data).__name__}, not an object")
         data = dict(data)
         if data.pop("version", None) != RECORD_VERSION:
             raise ValueError(f"session record of an unknown version; this peft-deltamem reads version {RECORD_VERSION}")
-        return cls(messages=data["messages"], processed=data["processed"], stats=data["stats"], memory=memory)
+        messages, processed, stats = data.get("messages"), data.get("processed"), data.get("stats")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError("'messages' must be a list of {'role': str, 'content': str} objects")
+        if isinstance(processed, bool) or not isinstance(processed, int) or not 0 <= processed <= len(messages):
+            raise ValueError(f"'processed' must be an int in 0..{len(messages)}, got {processed!r}")
+        if not isinstance(stats, dict):
+            raise ValueError(f"'stats' must be an object, got {type(stats).__name__}")
+        return cls(messages=messages, processed=processed, stats=stats, memory=memory)
 
 
 class SessionStore(ABC):
@@ -109,9 +129,17 @@ class DirectoryStore(SessionStore):
         meta = folder / "session.json"
         if not meta.is_file():
             return None
-        data = json.loads(meta.read_text(encoding="utf-8"))
-        name = data.pop("memory_file", None)
-        return SessionRecord.from_dict(data, (folder / name).read_bytes() if name else None)
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            name = data.pop("memory_file", None) if isinstance(data, dict) else None
+            if name is not None and (not isinstance(name, str) or Path(name).name != name):
+                raise ValueError(f"'memory_file' must be a file name in the session folder, got {name!r}")
+            return SessionRecord.from_dict(data, (folder / name).read_bytes() if name else None)
+        except (ValueError, OSError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+            raise CorruptSession(
+                f"session {session_id!r} cannot be read from {meta}: {error}. It is left as it is for inspection; "
+                "delete the session (DELETE /v1/sessions/ID) or repair the file."
+            ) from error
 
     def save(self, session_id: str, record: SessionRecord) -> None:
         folder = self._dir(session_id)
@@ -170,7 +198,13 @@ class RedisStore(SessionStore):
         if not data:
             return None
         memory = data.get(b"memory") or None
-        return SessionRecord.from_dict(json.loads(data[b"record"]), memory)
+        try:
+            return SessionRecord.from_dict(json.loads(data[b"record"]), memory)
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            raise CorruptSession(
+                f"session {session_id!r} cannot be read from Redis key {self._key(session_id)!r}: {error!r}. It is "
+                "left as it is for inspection; delete the session or repair the key."
+            ) from error
 
     def save(self, session_id: str, record: SessionRecord) -> None:
         key = self._key(session_id)

@@ -27,7 +27,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..layer import DeltaMemLayer
 from ..model import DeltaMemModel
-from ..runtime import SEGMENT_IDS_KWARG, CallRecord
+from ..runtime import SEGMENT_IDS_KWARG, CallRecord, check_bool
 
 MEMORY_COLUMNS = ("memory_input_ids", "memory_attention_mask", "memory_segment_ids")
 _VISIBLE_KEYS = ("input_ids", "attention_mask")
@@ -269,6 +269,8 @@ class MemoryHealthCallback(TrainerCallback):
         prefix: str = "delta_mem/",
         require_memory_stream: bool = True,
     ) -> None:
+        check_bool(check_columns, "check_columns")
+        check_bool(require_memory_stream, "require_memory_stream")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         self.probe_batch = dict(probe_batch) if probe_batch is not None else None

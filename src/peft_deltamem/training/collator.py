@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..runtime import check_bool
 from .episodes import IGNORE_INDEX
 
 ABLATION_MODES = ("memory_only", "memory_and_context", "no_memory")
@@ -94,6 +95,7 @@ class DeltaMemDataCollator:
         pad_token_id: int | None = None,
         return_ablation_mode: bool = True,
     ):
+        check_bool(return_ablation_mode, "return_ablation_mode")
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
             if pad_token_id is None:

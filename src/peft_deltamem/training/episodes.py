@@ -41,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ..runtime import check_bool
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -119,6 +121,8 @@ class EpisodeConfig:
         def integer(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        for name in ("system_in_memory", "context_stream"):
+            check_bool(getattr(self, name), name)
         if not integer(self.visible_turns) or self.visible_turns < 0:
             raise ValueError(f"visible_turns must be an int >= 0, got {self.visible_turns!r}")
         if self.max_memory_tokens is not None and (not integer(self.max_memory_tokens) or self.max_memory_tokens < 0):
