@@ -14,7 +14,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-CHECKED = ("torch", "transformers", "peft", "accelerate", "datasets", "trl")
+# faker: the open-facts generator draws its values from faker's word lists, so its version decides the episodes
+CHECKED = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "faker")
 
 
 def fresh_versions(root: Path) -> dict[str, str]:

