@@ -83,3 +83,13 @@ def test_scores_and_targets():
         "general questions within 0.05": True,
         "degenerate replies no more than the frozen model": True,
     }
+
+
+def test_a_conversation_longer_than_the_engines_request_limit_is_played(chat_model):
+    """A long chat arrives in one request (as a client resending its history sends it): the harness raises the
+    engine's message limit for its own sessions instead of failing at 64 messages."""
+    model, tok = chat_model
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "we talked about work"} for i in range(70)]
+    long.append({"role": "user", "content": "alice likes ?"})
+    (reply,) = open_recall.engine_replies(model, tok, [long], window=2, memory=True, max_new_tokens=2)
+    assert isinstance(reply, str)
