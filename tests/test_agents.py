@@ -288,9 +288,10 @@ def test_invalid_session_ids_are_refused(tmp_path, bad):
         DirectoryStore(tmp_path).load(bad)
 
 
-def test_chat_cli_reads_turns_from_a_file(tmp_path):
+def run_chat_cli(tmp_path, turns_text: str) -> subprocess.CompletedProcess:
+    """`peft-deltamem chat` on the embedded model, reading its turns from a file (window 1, 2-token replies)."""
     turns = tmp_path / "turns.txt"
-    turns.write_text("alice likes teal .\n/stats\nbob likes ?\n/reset\n/stats\n")
+    turns.write_text(turns_text)
     done = subprocess.run(
         [sys.executable, "-m", "peft_deltamem.cli", "chat", "--input", str(turns), "--sessions", str(tmp_path / "s")]
         + ["--window", "1", "--max-new-tokens", "2"],
@@ -300,6 +301,11 @@ def test_chat_cli_reads_turns_from_a_file(tmp_path):
         env={**_env(), "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_chat_cli_reads_turns_from_a_file(tmp_path):
+    done = run_chat_cli(tmp_path, "alice likes teal .\n/stats\nbob likes ?\n/reset\n/stats\n")
     lines = done.stdout.splitlines()
     assert sum(line.startswith("assistant: ") for line in lines) == 2
     stats = [json.loads(line) for line in lines if line.startswith("{")]
@@ -322,17 +328,9 @@ def test_a_fresh_adapter_is_the_same_in_every_process_so_stored_memories_stay_va
 def test_chat_cli_save_onto_an_existing_file_says_so_and_goes_on(tmp_path):
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"the user's own file")
-    turns = tmp_path / "turns.txt"
-    turns.write_text(f"alice likes teal .\nand then trains\n/save {taken}\nbob likes ?\n/save {tmp_path / 'new.st'}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "peft_deltamem.cli", "chat", "--input", str(turns), "--sessions", str(tmp_path / "s")]
-        + ["--window", "1", "--max-new-tokens", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**_env(), "OMP_NUM_THREADS": "1"},
+    done = run_chat_cli(
+        tmp_path, f"alice likes teal .\nand then trains\n/save {taken}\nbob likes ?\n/save {tmp_path / 'new.st'}\n"
     )
-    assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert f"(not saved: {taken}: it already exists; give another path" in done.stdout
     assert taken.read_bytes() == b"the user's own file"  # nothing the user saved is overwritten
