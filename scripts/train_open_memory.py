@@ -41,6 +41,14 @@ def main(argv=None):
     parser.add_argument("--granularity", choices=["token", "segment"], default="token")
     parser.add_argument("--beta-bias-init", type=float, default=-2.0)
     parser.add_argument("--copy-init", type=float, default=0.0, help="> 0: copy-path start of W_mv / Δ_o")
+    parser.add_argument(
+        "--value-init",
+        type=float,
+        default=0.0,
+        help="> 0: fit W_mv / Δ_o on the pool so that a read of a written message raises its words' logits (scale)",
+    )
+    parser.add_argument("--shared-qk", action="store_true", help="start W_mk = W_mq")
+    parser.add_argument("--value-weight", type=float, default=1.0, help="loss weight of the value's tokens in replies")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--steps", type=int, default=600, help="cosine schedule length")
@@ -116,11 +124,11 @@ def main(argv=None):
         reply = {"role": "assistant", "content": e.reply}
         prompt, answer = tokenize_prompt_and_answer(e.messages[-2:], reply, tok)
         assert prompt == plan.prompt
-        item = {"n_writes": len(plan.writes), "answer": answer, "writes": [], "extra": [], "recall": []}
+        item = {"n_writes": len(plan.writes), "answer": answer, "writes": [], "extra": [], "recall": [], "weights": []}
         for w in plan.writes:
             item["writes"].append(len(rows))
             rows.append(w)
-        item["recall"].append((len(rows), answer))
+        item["recall"].append((len(rows), answer, value_weights(tok, answer, e.value, args.value_weight)))
         rows.append(prompt + answer)
         if args.all_questions:  # the other told facts, asked after the same window
             for question, target in open_facts.all_questions(e, args.seed):
@@ -128,7 +136,8 @@ def main(argv=None):
                     continue
                 context = [e.messages[-2], {"role": "user", "content": question}]
                 q_prompt, q_answer = tokenize_prompt_and_answer(context, {"role": "assistant", "content": target}, tok)
-                item["recall"].append((len(rows), q_answer))
+                value = target_value(e, question, target)
+                item["recall"].append((len(rows), q_answer, value_weights(tok, q_answer, value, args.value_weight)))
                 rows.append(q_prompt + q_answer)
         if rng.random() < args.visible_share:
             for w in full.writes[len(plan.writes) :]:
@@ -145,6 +154,20 @@ def main(argv=None):
             rows.append(g_prompt + g_answer)
         pool.append(item)
     hidden = frozen_hidden(model, rows, pad)
+    if args.value_init:
+        writes = [w for item in pool for w in item["writes"]]
+        fit = value_path_init(
+            model,
+            tok,
+            [hidden[w] for w in writes],
+            [rows[w] for w in writes],
+            args.value_init,
+            segment=args.granularity == "segment",
+            shared_qk=args.shared_qk,
+            seed=args.seed,
+        )
+        history["value_init"] = fit
+        print(f"value path: {fit}", flush=True)
     cache_seconds = time.perf_counter() - t_start
     history["pool"] = {"episodes": len(pool), "rows": len(rows), "tokens": sum(map(len, rows)),
                        "seconds": cache_seconds, "general_prompts": len(general)}  # fmt: skip
@@ -195,15 +218,22 @@ def main(argv=None):
         states = cached_message_writes(model, [[hidden[w] for w in b["writes"]] for b in batch],
                                        segment_writes=args.granularity == "segment")  # fmt: skip
         # recall: the reply with the history only in memory (every question read from its episode's memory)
-        reads = [(i, row, answer) for i, b in enumerate(batch) for row, answer in b["recall"]]
-        owner = torch.tensor([i for i, _, _ in reads])
-        k = max(len(answer) for _, _, answer in reads)
-        logits = cached_read_logits(model, [hidden[row] for _, row, _ in reads],
-                                    {key: s.index_select(0, owner) for key, s in states.items()}, last=k + 1)[:, :-1]
+        reads = [(i, row, answer, w) for i, b in enumerate(batch) for row, answer, w in b["recall"]]
+        owner = torch.tensor([i for i, *_ in reads])
+        k = max(len(answer) for _, _, answer, _ in reads)
+        logits = cached_read_logits(
+            model,
+            [hidden[row] for _, row, _, _ in reads],
+            {key: s.index_select(0, owner) for key, s in states.items()},
+            last=k + 1,
+        )[:, :-1]
         labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
-        for j, (_, _, answer) in enumerate(reads):
+        token_weights = torch.zeros(logits.shape[:2])
+        for j, (_, _, answer, w) in enumerate(reads):
             labels[j, k - len(answer) :] = torch.tensor(answer)
-        recall_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            token_weights[j, k - len(answer) :] = torch.tensor(w)
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        recall_loss = (token_loss * token_weights.reshape(-1)).sum() / token_weights.sum()
         kl_terms = {}
         # no harm with an unrelated memory: a general prompt read with this episode's memory
         g = [i for i, b in enumerate(batch) if "general" in b]
@@ -215,7 +245,9 @@ def main(argv=None):
         v = [i for i, b in enumerate(batch) if "visible" in b]
         if v:
             full_states = cached_message_writes(
-                model, [[hidden[w] for w in batch[i]["extra"]] for i in v], {key: s[v] for key, s in states.items()},
+                model,
+                [[hidden[w] for w in batch[i]["extra"]] for i in v],
+                {key: s[v] for key, s in states.items()},
                 segment_writes=args.granularity == "segment",
             )
             kl_terms["visible"] = _kl(model, [hidden[batch[i]["visible"]] for i in v], full_states,
@@ -247,6 +279,125 @@ def main(argv=None):
     if args.ship:
         ship(model, args.ship, history)
     return history
+
+
+def target_value(episode, question: str, target: str) -> str | None:
+    """The value a question of ``all_questions`` asks for (None for a never-told one)."""
+    return next((v for v in episode.facts.values() if target.rstrip(".").endswith(v)), None)
+
+
+def value_weights(tok, answer: list[int], value: str | None, weight: float) -> list[float]:
+    """Loss weight per answer token: ``weight`` on the tokens that spell ``value``, 1 elsewhere."""
+    weights = [1.0] * len(answer)
+    if value is None or weight == 1.0:
+        return weights
+    for text in (" " + value, value):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for s in range(len(answer) - len(ids), -1, -1):
+            if answer[s : s + len(ids)] == ids:
+                weights[s : s + len(ids)] = [weight] * len(ids)
+                return weights
+    return weights
+
+
+def value_path_init(model, tok, hidden, rows, scale, segment, shared_qk, seed, steps=300, negatives=4096) -> dict:
+    """Start each adapted layer's value path (W_mv, Δ_o) as a map from what a message writes to its words' logits.
+
+    For every adapted layer, fit a rank-(r·H) map M = U V from the layer's attention input x (mean over the
+    message for segment writes, each token for token writes) to logits E·diag(g)·M·x (E the tied embeddings, g the
+    final norm's weight) that name the message's own words (sampled softmax over the vocabulary), on the frozen
+    model. Then W_mv = V and Δ_o = scale · ρ · U / (s · β₀), ρ the typical RMS of the final residual and β₀ the
+    starting write gate, so that a read that finds one written message raises its words' logits by about
+    ``scale`` × the fitted amount. Returns per-layer fit accuracy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from peft_deltamem.layer import DeltaMemLayer
+    from peft_deltamem.training.frozen_prefix import first_adapted_layer, only_layers, pad_rows
+
+    generator = torch.Generator().manual_seed(seed)
+    base = model.get_base_model()
+    decoder = base.get_decoder()
+    start = first_adapted_layer(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeltaMemLayer)}
+    special = set(tok.all_special_ids) | set(tok("user\nassistant\n", add_special_tokens=False)["input_ids"])
+    captured, residual = {}, []
+    hooks = []
+    for name, layer in layers.items():
+        q_proj = next(m for n, m in layer.named_modules() if n.endswith("q_proj"))
+        hooks.append(q_proj.register_forward_hook(lambda m, i, o, key=name: captured.setdefault(key, []).append(i[0])))
+    hooks.append(decoder.norm.register_forward_pre_hook(lambda m, args: residual.append(args[0])))
+    index = torch.randperm(len(rows), generator=generator)[:2000].tolist()
+    xs = {name: [] for name in layers}
+    targets = []
+    try:
+        with torch.no_grad(), model.disable_adapter(), only_layers(model, start):
+            for b in range(0, len(index), 64):
+                chunk = index[b : b + 64]
+                x, mask = pad_rows([hidden[i] for i in chunk])
+                captured.clear()
+                base(inputs_embeds=x, attention_mask=mask, use_cache=False)
+                for name in layers:
+                    h = captured[name][0]
+                    for j, i in enumerate(chunk):
+                        n = len(rows[i])
+                        xs[name].append(h[j, :n].mean(0, keepdim=True) if segment else h[j, :n])
+                for i in chunk:
+                    words = [t for t in rows[i] if t not in special]
+                    if segment:
+                        targets.append(torch.tensor(words or [rows[i][-1]]))
+                    else:
+                        targets.extend(torch.tensor([t]) for t in rows[i])
+    finally:
+        for h in hooks:
+            h.remove()
+    rho = torch.cat([r.reshape(-1, r.shape[-1]) for r in residual]).pow(2).mean(-1).sqrt().median().item()
+    E = base.get_output_embeddings().weight.detach()
+    W = E * decoder.norm.weight.detach()
+    report = {"rho": rho, "messages": len(index)}
+    for name, layer in layers.items():
+        settings = next(iter(layer.settings.values()))
+        adapter = next(iter(layer.settings))
+        width = settings.width
+        X = torch.cat(xs[name])
+        d = X.shape[1]
+        U = torch.nn.Parameter(torch.randn(d, width, generator=generator) * d**-0.5)
+        V = torch.nn.Parameter(torch.randn(width, d, generator=generator) * d**-0.5)
+        temperature = torch.nn.Parameter(torch.tensor(10.0))
+        optimizer = torch.optim.Adam([U, V, temperature], lr=3e-3)
+        split = int(0.9 * len(X))
+        for _ in range(steps):
+            batch = torch.randint(split, (256,), generator=generator)
+            candidates = torch.cat(
+                [
+                    torch.cat([targets[i] for i in batch.tolist()]),
+                    torch.randint(E.shape[0], (negatives,), generator=generator),
+                ]
+            ).unique()
+            logits = temperature * (X[batch] @ V.T @ U.T) @ W[candidates].T
+            log_p = F.log_softmax(logits, -1)
+            position = {int(t): c for c, t in enumerate(candidates.tolist())}
+            loss = -torch.stack([log_p[j, [position[int(t)] for t in targets[i]]].mean()
+                                 for j, i in enumerate(batch.tolist())]).mean()  # fmt: skip
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():  # held-out messages: is the top word (full vocabulary) one of the message's?
+            held = list(range(split, len(X)))
+            logits = temperature * (X[held] @ V.T @ U.T) @ W.T
+            top = logits.argmax(-1).tolist()
+            hit = sum(top[j] in set(targets[i].tolist()) for j, i in enumerate(held)) / max(len(held), 1)
+            beta0 = torch.sigmoid(layer.delta_mem_beta_bias[adapter]).mean().item()
+            write = layer.delta_mem_write[adapter].weight
+            write[2 * width : 3 * width] = V.detach()
+            if shared_qk:
+                write[width : 2 * width] = write[:width]
+            out = layer.delta_mem_out[adapter].weight
+            o_rows = layer.layout.head_out_features("o")
+            out[-o_rows:] = (scale * rho * temperature.detach() / (settings.scaling * beta0)) * U.detach()
+        report[name.split("model.")[-1]] = {"loss": round(loss.item(), 3), "held_out_top1_in_message": round(hit, 3)}
+    return report
 
 
 def _kl(model, hidden, states, lengths):

@@ -13,7 +13,7 @@ from peft import get_peft_model
 
 from peft_deltamem import DeltaMemConfig, DeltaMemory
 from peft_deltamem.agents.engine import ChatEngine, GenerationParams, Limits
-from peft_deltamem.agents.session import RequestTooLarge, SessionPolicy, new_messages, plan_turn
+from peft_deltamem.agents.session import RequestTooLarge, SessionPolicy, follow, plan_turn
 from peft_deltamem.agents.store import DirectoryStore, InvalidSessionId, SessionBusy, SessionRecord
 from peft_deltamem.recall_task import build_tokenizer
 from peft_deltamem.tiny_models import tiny_model
@@ -89,8 +89,23 @@ def test_arrival_policy_writes_the_new_message_before_the_reply(tokenizer):
 
 def test_a_client_resending_the_whole_conversation_adds_only_the_new_messages():
     log = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert new_messages(log, [*log, {"role": "user", "content": "c"}]) == [{"role": "user", "content": "c"}]
-    assert new_messages(log, [{"role": "user", "content": "c"}]) == [{"role": "user", "content": "c"}]
+    c = {"role": "user", "content": "c"}
+    for history in ("follow", "append"):
+        policy = SessionPolicy(history=history)
+        assert follow(log, [*log, c], policy) == (2, [c])
+        assert follow(log, [c], policy) == (2, [c])  # new messages only
+    # a resent conversation that diverges forks under "follow" and is appended whole under "append"
+    assert follow(log, [log[0], c], SessionPolicy()) == (1, [c])
+    assert follow(log, [log[0]], SessionPolicy()) == (1, [])  # regenerate the first reply
+    assert follow(log, [log[0], c], SessionPolicy(history="append")) == (2, [log[0], c])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"history": "fork"}, "history"), ({"checkpoint_every": 0}, "checkpoint")]
+)
+def test_policy_refuses_bad_history_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SessionPolicy(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -399,3 +414,102 @@ def test_a_session_the_model_cannot_read_fails_alone_and_is_not_re_saved(tokeniz
     finally:
         engine.close()
     assert (tmp_path / "sessions" / "bad" / "session.json").read_bytes() == stored
+
+
+# ----------------------------------------------------------------------------- edits and regenerations
+
+
+def _conversation(engine, session, turns):
+    """Play ``turns`` as an OpenAI client does (the whole conversation each turn); the final log."""
+    log = []
+    for turn in turns:
+        log = [*log, {"role": "user", "content": turn}]
+        log.append({"role": "assistant", "content": engine.chat(session, log, PARAMS).reply})
+    return log
+
+
+def _record(engine, session):
+    record = engine.store.load(session)
+    return record.messages, DeltaMemory.from_bytes(record.memory).states, record.processed
+
+
+@pytest.mark.parametrize("write", ["leave", "arrival"])
+@pytest.mark.parametrize("checkpoint_every", [1, 3, 100])
+@pytest.mark.parametrize("edit", ["regenerate", "early", "in_window"])
+def test_a_fork_equals_a_fresh_session_that_only_saw_the_new_branch(
+    model, tokenizer, tmp_path, one_thread, write, checkpoint_every, edit
+):
+    policy = SessionPolicy(window=2, write=write, checkpoint_every=checkpoint_every)
+    engine = engine_for(model, tokenizer, tmp_path / "forked", policy=policy)
+    log = _conversation(engine, "s", USER_TURNS[:5])  # 10 messages, most of them in memory
+    if edit == "regenerate":  # resend up to the last user message: its reply again
+        branch = log[:-1]
+    elif edit == "early":  # edit the second user message, long written into memory, and go on
+        branch = [*log[:2], {"role": "user", "content": "bob likes teal ."}]
+    else:  # edit the last user message (still in the window)
+        branch = [*log[:-2], {"role": "user", "content": "alice likes ?"}]
+    reply = engine.chat("s", branch, PARAMS).reply
+    fresh = engine_for(model, tokenizer, tmp_path / "fresh", policy=policy)
+    fresh_log = _conversation(fresh, "f", [m["content"] for m in branch if m["role"] == "user"][:-1])
+    assert fresh_log == branch[:-1]  # greedy replies: the same branch up to the edit
+    fresh_reply = fresh.chat("f", branch, PARAMS).reply
+    messages, states, processed = _record(engine, "s")
+    fresh_messages, fresh_states, fresh_processed = _record(fresh, "f")
+    assert reply == fresh_reply and messages == fresh_messages and processed == fresh_processed
+    assert states.keys() == fresh_states.keys()
+    for key in states:
+        assert torch.equal(states[key], fresh_states[key]), key
+    assert engine.stats("s")["forks"] == 1
+    # the forked session goes on like the fresh one
+    after = [*messages, {"role": "user", "content": "bob likes ?"}]
+    assert engine.chat("s", after, PARAMS).reply == fresh.chat("f", after, PARAMS).reply
+
+
+def test_an_early_edit_really_changes_the_memory_and_append_sessions_never_fork(model, tokenizer, tmp_path, one_thread):
+    engine = engine_for(model, tokenizer, tmp_path / "a")
+    log = _conversation(engine, "s", USER_TURNS[:5])
+    before = _record(engine, "s")[1]
+    branch = [*log[:2], {"role": "user", "content": "bob likes teal ."}]
+    engine.chat("s", branch, PARAMS)
+    after = _record(engine, "s")[1]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert len(engine.store.load("s").messages) == 4
+    appending = engine_for(model, tokenizer, tmp_path / "b", policy=SessionPolicy(window=2, history="append"))
+    log = _conversation(appending, "s", USER_TURNS[:3])
+    appending.chat("s", log[:-1], PARAMS)  # a "regenerate" is appended whole
+    assert len(appending.store.load("s").messages) == len(log) + len(log) - 1 + 1
+    assert "forks" not in appending.stats("s")
+
+
+def test_checkpoints_survive_the_store_and_a_damaged_checkpoint_file_is_named(model, tokenizer, tmp_path, one_thread):
+    engine = engine_for(model, tokenizer, tmp_path, policy=SessionPolicy(window=2, checkpoint_every=2))
+    _conversation(engine, "s", USER_TURNS[:4])
+    record = engine.store.load("s")
+    assert record.checkpoints and DeltaMemory.from_bytes(record.checkpoint_memory).batch_size == len(record.checkpoints)
+    meta = tmp_path / "s" / "session.json"
+    data = json.loads(meta.read_text())
+    data["checkpoints"] = [record.processed + 5]
+    meta.write_text(json.dumps(data))
+    with pytest.raises(Exception, match="checkpoints"):
+        engine.store.load("s")
+
+
+def test_an_adapter_that_is_not_delta_mem_is_refused_by_name(tmp_path):
+    """A LoRA adapter_config.json beside δ-mem weights would load as a LoRA that does nothing; a real LoRA adapter
+    is not a memory. Both are refused, saying what they are."""
+    from peft import LoraConfig
+
+    from peft_deltamem.agents.models import load_chat_model
+
+    tok = build_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path / "mixed")
+    lora = LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])
+    lora.save_pretrained(tmp_path / "mixed")  # overwrites adapter_config.json only
+    with pytest.raises(ValueError, match="holds δ-mem weights"):
+        load_chat_model(str(tmp_path / "base"), str(tmp_path / "mixed"))
+    get_peft_model(tiny_model("llama", vocab_size=len(tok)), lora).save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="LORA adapter, not a δ-mem adapter"):
+        load_chat_model(str(tmp_path / "base"), str(tmp_path / "lora"))

@@ -643,3 +643,38 @@ def test_memory_with_bad_tensors_is_refused():
     model = trained_adapter()
     with pytest.raises(TypeError, match=r"DeltaMemory"):
         model(IDS_1, memory=states)
+
+
+def test_lora_and_delta_mem_in_one_model_are_refused_when_built_and_the_merged_way_works(tmp_path):
+    """peft keeps one config dict per model: a LoRA wrapped around a δ-mem model would overwrite δ-mem's config and
+    save δ-mem weights as a LoRA that does nothing (and δ-mem around a LoRA the reverse). Both are refused when
+    built, leaving the models as they were; a LoRA merged into the base, then δ-mem, saves and reloads exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_deltamem import DeltaMemConfig
+    from peft_deltamem.tiny_models import tiny_model
+
+    lora = LoraConfig(task_type="CAUSAL_LM", target_modules=["up_proj"], init_lora_weights=False)
+    delta = get_peft_model(
+        tiny_model("llama", vocab_size=64), DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)
+    )
+    with pytest.raises(ValueError, match="LoraConfig cannot be added to a δ-mem model.*merge_and_unload"):
+        get_peft_model(delta, lora)
+    assert {type(c).__name__ for c in delta.peft_config.values()} == {"DeltaMemConfig"}
+    lora_model = get_peft_model(tiny_model("llama", vocab_size=64), lora)
+    with pytest.raises(ValueError, match="another PEFT method.*lora"):
+        get_peft_model(lora_model, DeltaMemConfig(task_type="CAUSAL_LM"))
+    assert {type(c).__name__ for c in lora_model.peft_config.values()} == {"LoraConfig"}
+    # the way that works: merge the LoRA, then δ-mem on the merged base
+    lora_model.save_pretrained(tmp_path / "lora")
+    torch.manual_seed(1)
+    combined = get_peft_model(lora_model.merge_and_unload(), DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False))
+    combined.save_pretrained(tmp_path / "delta")
+    ids = torch.randint(0, 64, (1, 10))
+    memory = combined.new_memory(1)
+    with torch.no_grad():
+        expected = combined(input_ids=ids, memory=memory).logits
+    base = PeftModel.from_pretrained(tiny_model("llama", vocab_size=64), tmp_path / "lora").merge_and_unload()
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "delta")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, memory=reloaded.new_memory(1)).logits, expected)

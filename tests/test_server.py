@@ -109,6 +109,12 @@ def test_the_user_field_names_the_session_and_a_full_history_request_adds_only_n
         model="m", messages=[*history, {"role": "user", "content": TURNS[1]}], max_tokens=MAX_TOKENS, user="by-user"
     )
     assert httpx.get(f"{server}/v1/sessions/by-user").json()["messages"] == 4
+    # "regenerate": the client resends the conversation without the last reply; the session forks, not doubles
+    again = openai.chat.completions.create(
+        model="m", messages=[*history, {"role": "user", "content": TURNS[1]}], max_tokens=MAX_TOKENS, user="by-user"
+    )
+    stats = httpx.get(f"{server}/v1/sessions/by-user").json()
+    assert stats["messages"] == 4 and stats["forks"] == 1 and again.choices[0].message.content
 
 
 @pytest.mark.parametrize(
@@ -210,6 +216,12 @@ def test_redis_store_passes_the_store_contract(redis_url):
     store.save("s", SessionRecord(messages=[{"role": "user", "content": "b"}], processed=1, memory=None))
     record = store.load("s")
     assert (record.messages[0]["content"], record.processed, record.memory) == ("b", 1, None)
+    assert record.checkpoints == [] and record.checkpoint_memory is None
+    store.save("s", SessionRecord(messages=[{"role": "user", "content": "b"}] * 2, processed=2, memory=b"m",
+                                  checkpoints=[1, 2], checkpoint_memory=b"two rows"))  # fmt: skip
+    record = store.load("s")
+    assert (record.checkpoints, record.checkpoint_memory) == ([1, 2], b"two rows")
+    store.save("s", SessionRecord(messages=[{"role": "user", "content": "b"}], processed=1, memory=None))
     assert store.list() == ["s"]
     with store.lock("s"):
         with pytest.raises(SessionBusy):

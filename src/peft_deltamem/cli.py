@@ -48,7 +48,9 @@ def _engine(args: argparse.Namespace):
         store = RedisStore(redis.Redis.from_url(args.redis))
     else:
         store = DirectoryStore(args.sessions)
-    policy = SessionPolicy(window=args.window, write=args.write, write_roles=tuple(args.write_roles))
+    # the terminal chat sends each line as a new message (a line may repeat the first one): it never forks
+    history = getattr(args, "history", "append")
+    policy = SessionPolicy(window=args.window, write=args.write, write_roles=tuple(args.write_roles), history=history)
     limits = Limits(max_new_tokens=max(args.max_new_tokens, 1))
     engine = ChatEngine(
         model, tokenizer, store, policy, max_batch_size=args.batch_size, limits=limits, memory=not args.no_memory
@@ -188,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     server.add_argument("--batch-size", type=int, default=8, help="turns of different sessions per batch (default: 8)")
+    server.add_argument(
+        "--history", choices=("follow", "append"), default="follow",
+        help="follow (default): a request resending the conversation with an edited or regenerated message forks the "
+        "session there, memory rolled back exactly; append: requests are only ever appended",
+    )  # fmt: skip
     server.set_defaults(handler=_serve)
 
     chat = commands.add_parser(

@@ -68,6 +68,10 @@ class DeltaMemModel(BaseTuner):
     tuner_layer_cls = DeltaMemLayer
     target_module_mapping = {model_type: [layout[0]] for model_type, layout in ATTENTION_LAYOUTS.items()}
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        _refuse_other_peft_methods(model, "δ-mem cannot be added to a model that holds")
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     # ------------------------------------------------------------------------------------- episodes
 
     @contextlib.contextmanager
@@ -96,6 +100,10 @@ class DeltaMemModel(BaseTuner):
     # ------------------------------------------------------------------------------------- injection
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
+        # peft keeps one config dict per model and another method wrapped around this one writes into it: refuse
+        # that when it happens instead of saving δ-mem weights under the other method's config later
+        if not isinstance(self.peft_config, _DeltaMemConfigs):
+            self.peft_config = _DeltaMemConfigs(self.peft_config)
         # Runs once per new tuner (get_peft_model, PeftModel(...), from_pretrained, transformers' load_adapter),
         # before anything in the caller's model is changed; add_adapter on an existing PeftModel does not come here.
         _refuse_unhostable(model, config)
@@ -215,6 +223,12 @@ class DeltaMemModel(BaseTuner):
         return model
 
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names) -> dict:
+        """Only δ-mem's tensors: another PEFT method's layers in the same model (a LoRA wrapped around this model)
+        save with their own adapter, never into the δ-mem file."""
+        return _filter_state_dict_by_key_prefixes(state_dict, _delta_mem_key_prefixes(model))
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> dict:
         """Map checkpoint keys to the model and refuse an adapter made for a differently shaped base."""
         try:
@@ -226,7 +240,7 @@ class DeltaMemModel(BaseTuner):
     @classmethod
     def _checked_remap(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> dict:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        prefixes = _delta_mem_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         # An adapter file may only set δ-mem parameters and the modules it declares (modules_to_save,
         # trainable tokens); anything else would overwrite the frozen base through load_state_dict(strict=False).
@@ -379,6 +393,47 @@ def _remove_failed_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 _PEFT_PREFIX = "base_model.model."
+
+COMBINE_HINT = (
+    "peft keeps one adapter-config dict per model, so one method wrapped around the other overwrites its config and "
+    "the saved adapter would load as the wrong method. To use a LoRA with δ-mem, merge the LoRA into the base first "
+    "(PeftModel.from_pretrained(base, lora_dir).merge_and_unload()), then add δ-mem to the merged model "
+    "(get_peft_model or PeftModel.from_pretrained); see docs/api.md."
+)
+
+
+def _refuse_other_peft_methods(model: nn.Module, what: str) -> None:
+    other = next(
+        (m for m in model.modules() if isinstance(m, BaseTunerLayer) and not isinstance(m, DeltaMemLayer)), None
+    )
+    if other is not None:
+        kind = f"{type(other).__module__}.{type(other).__name__}"
+        raise ValueError(f"{what} layers of another PEFT method ({kind}). {COMBINE_HINT}")
+
+
+class _DeltaMemConfigs(dict):
+    """A δ-mem model's adapter configs: refuses another PEFT method's config (it would replace δ-mem's)."""
+
+    def __setitem__(self, key, value) -> None:
+        if not isinstance(value, DeltaMemConfig):
+            raise ValueError(
+                f"a {type(value).__name__} cannot be added to a δ-mem model (as in get_peft_model(delta_mem_model, "
+                f"LoraConfig(...))). {COMBINE_HINT}"
+            )
+        super().__setitem__(key, value)
+
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def _delta_mem_key_prefixes(model: nn.Module, adapter_name: str | None = None) -> set[str]:
+    """peft's state-dict key prefixes of the PEFT layers, restricted to δ-mem's layers (and its tuner)."""
+    ours = [name for name, module in model.named_modules() if isinstance(module, (DeltaMemLayer, DeltaMemModel))]
+    return {
+        p for p in _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        if any(p.startswith(f"{name}.") or not name for name in ours)
+    }  # fmt: skip
 
 
 def _refuse_foreign_keys(keys, allowed: set[str]) -> None:

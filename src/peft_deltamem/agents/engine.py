@@ -26,7 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..runtime import check_bool
 from ..state import DeltaMemory
-from .session import RequestTooLarge, SessionPolicy, check_new_messages, new_messages, plan_turn
+from .session import RequestTooLarge, SessionPolicy, check_new_messages, follow, plan_turn, rollback_point
 from .store import SessionRecord, SessionStore, check_session_id
 
 logger = logging.getLogger(__name__)
@@ -243,13 +243,10 @@ class ChatEngine:
                 try:
                     locks.enter_context(self.store.lock(request.session_id, self.limits.lock_timeout))
                     record = self.store.load(request.session_id) or SessionRecord()
-                    plan = plan_turn(
-                        record.messages,
-                        record.processed,
-                        new_messages(record.messages, request.messages),
-                        self.tokenizer,
-                        self.policy,
-                    )
+                    keep, new = follow(record.messages, request.messages, self.policy)
+                    if keep < len(record.messages):
+                        record = self._fork(record, keep, new)
+                    plan = plan_turn(record.messages, record.processed, new, self.tokenizer, self.policy)
                     memory = (
                         DeltaMemory.from_bytes(record.memory)
                         if record.memory is not None
@@ -272,16 +269,47 @@ class ChatEngine:
                 stats = dict(record.stats)
                 stats["turns"] = stats.get("turns", 0) + 1
                 stats["tokens_written"] = stats.get("tokens_written", 0) + sum(len(w) for w in plan.writes)
+                checkpoints, checkpoint_memory = record.checkpoints, record.checkpoint_memory
+                if (
+                    self.memory
+                    and plan.processed - (checkpoints[-1] if checkpoints else 0) >= self.policy.checkpoint_every
+                ):
+                    saved = [DeltaMemory.from_bytes(checkpoint_memory)] if checkpoint_memory is not None else []
+                    checkpoints = [*checkpoints, plan.processed]
+                    checkpoint_memory = DeltaMemory.cat([*saved, memory]).to_bytes()
                 new_record = SessionRecord(
                     messages=plan.messages + [{"role": "assistant", "content": reply}],
                     processed=plan.processed,
                     memory=memory.to_bytes(),
                     stats=stats,
+                    checkpoints=checkpoints,
+                    checkpoint_memory=checkpoint_memory,
                 )
                 self.store.save(request.session_id, new_record)
                 request.future.set_result(
                     TurnResult(reply, len(plan.prompt), len(tokens), sum(len(w) for w in plan.writes), finish)
                 )
+
+    def _fork(self, record: SessionRecord, keep: int, new: list) -> SessionRecord:
+        """The session cut to ``record.messages[:keep]``, its memory as it was after the messages it may still hold:
+        the nearest checkpoint at or before that point (the messages after it are written again by the turn)."""
+        point = rollback_point(record.messages, record.processed, keep, new, self.policy)
+        stats = {**record.stats, "forks": record.stats.get("forks", 0) + 1}
+        if point == record.processed:  # nothing written past the fork: the memory stays as it is
+            return SessionRecord(record.messages[:keep], record.processed, record.memory, stats,
+                                 record.checkpoints, record.checkpoint_memory)  # fmt: skip
+        kept = [c for c in record.checkpoints if c <= point]
+        memory = checkpoint_memory = None
+        if kept:
+            rows = DeltaMemory.from_bytes(record.checkpoint_memory)
+            if rows.batch_size != len(record.checkpoints):
+                raise RuntimeError(
+                    f"the session's checkpoint memory has {rows.batch_size} rows for {len(record.checkpoints)} "
+                    "checkpoints; the stored session is damaged (reset or delete it)"
+                )
+            memory = rows.select([len(kept) - 1]).to_bytes()
+            checkpoint_memory = rows.select(list(range(len(kept)))).to_bytes()
+        return SessionRecord(record.messages[:keep], kept[-1] if kept else 0, memory, stats, kept, checkpoint_memory)
 
     @torch.no_grad()
     def _write(self, writes: list[list[list[int]]], memories: list[DeltaMemory]) -> list[DeltaMemory]:

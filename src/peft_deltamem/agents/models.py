@@ -62,6 +62,7 @@ def load_chat_model(
     if getattr(tok, "chat_template", None) is None:
         logger.warning("%s has no chat template; turns are rendered in the plain 'Role: content' format", name)
     if adapter is not None:
+        _check_delta_mem_adapter(adapter)
         peft_model = PeftModel.from_pretrained(base, adapter)
         name = f"{name}+{_public_name(adapter)}"
     else:
@@ -70,6 +71,39 @@ def load_chat_model(
             peft_model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
         logger.warning("no --adapter: a fresh, untrained δ-mem adapter is attached (it changes nothing until trained)")
     return peft_model.eval(), tok, name
+
+
+def _check_delta_mem_adapter(adapter: str) -> None:
+    """Refuse a local adapter directory that is not a δ-mem adapter (the engine serves δ-mem memories only), naming
+    what it is; in particular a LoRA (or other) adapter_config.json beside δ-mem weights, which peft would load as
+    an adapter that does nothing."""
+    import json
+
+    directory = Path(adapter)
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        return  # a Hub id: peft fetches and checks it
+    peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+    if peft_type == "DELTA_MEM":
+        return
+    weights = directory / "adapter_model.safetensors"
+    names: list[str] = []
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+    if any("delta_mem_" in n for n in names):
+        raise ValueError(
+            f"{config_file} says peft_type {peft_type!r}, but {weights.name} holds δ-mem weights "
+            f"(e.g. {next(n for n in names if 'delta_mem_' in n)}): peft would load a {peft_type} adapter that "
+            "finds none of its tensors and does nothing. Restore the δ-mem adapter_config.json that "
+            "save_pretrained wrote with these weights."
+        )
+    raise ValueError(
+        f"{adapter} is a {peft_type} adapter, not a δ-mem adapter: the chat engine serves δ-mem memories. Pass a "
+        "directory written by a δ-mem PeftModel's save_pretrained (adapter_config.json with peft_type DELTA_MEM)."
+    )
 
 
 def _public_name(source: str) -> str:

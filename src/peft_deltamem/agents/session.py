@@ -8,6 +8,16 @@ its own (its tokens attend to each other and read the memory of everything befor
 turns) or when it arrives (``write="arrival"``). ``write_roles`` chooses whose messages are written (e.g.
 ``("assistant",)`` keeps the user's questions out of memory). Because the unit of writing is the message, the
 memory does not depend on how the messages arrived: one per turn, or a whole history at once.
+
+Clients edit and regenerate (``history="follow"``, the default): OpenAI-style clients resend the whole
+conversation every turn, so a request that starts with the session's first message **is** the conversation. If
+it extends the log, only the rest is new; if it diverges from the log at message k (a regenerated reply, an edited
+earlier message), the session forks there: the log is cut to its first k messages and the memory returns exactly
+to what it held after them (:func:`follow`, :func:`rollback_point`; the engine keeps a memory checkpoint every
+``checkpoint_every`` processed messages and replays the few messages after the nearest one). A request that does
+not start with the session's first message carries new messages only and is appended. ``history="append"`` never
+forks: a request that does not extend the log is appended whole (for clients that send new messages only and may
+repeat the first one, such as ``peft-deltamem chat``).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from dataclasses import dataclass
 from ..training.episodes import ROLES, EpisodeError, tokenize_messages, tokenize_prompt, validate_messages
 
 WRITE_WHEN = ("leave", "arrival")
+HISTORY = ("follow", "append")
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class SessionPolicy:
     window: int = 6
     write: str = "leave"
     write_roles: tuple[str, ...] = ("user", "assistant")
+    history: str = "follow"
+    checkpoint_every: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -37,6 +50,13 @@ class SessionPolicy:
         if unknown:
             raise ValueError(f"SessionPolicy.write_roles may hold 'user' and 'assistant', got {unknown}")
         object.__setattr__(self, "write_roles", roles)
+        if self.history not in HISTORY:
+            raise ValueError(f"SessionPolicy.history must be one of {HISTORY}, got {self.history!r}")
+        every = self.checkpoint_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"SessionPolicy.checkpoint_every must be an int >= 1 (messages between checkpoints), got {every!r}"
+            )
 
 
 @dataclass
@@ -71,15 +91,43 @@ class RequestTooLarge(ValueError):
     """A request over the engine's size limits."""
 
 
-def new_messages(log: list[dict[str, str]], request: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages of ``request`` that the session does not have yet.
+def follow(
+    log: list[dict[str, str]], request: list[dict[str, str]], policy: SessionPolicy
+) -> tuple[int, list[dict[str, str]]]:
+    """``(keep, new)``: the session keeps ``log[:keep]`` and adds ``new`` (see the module docstring).
 
-    Clients may send only the new messages, or (as OpenAI clients do) the whole conversation: a request that
-    starts with the session's whole log adds only what follows it.
+    A request that starts with the whole log adds what follows it. Under ``history="follow"`` a request that
+    starts with the log's first message but diverges at message k forks the session there (``keep = k``);
+    anything else is new messages, appended (``keep = len(log)``).
     """
     if len(request) > len(log) and request[: len(log)] == log:
-        return request[len(log) :]
-    return request
+        return len(log), request[len(log) :]
+    if policy.history == "append" or not log or request[0] != log[0]:
+        return len(log), request
+    keep = 0
+    while keep < min(len(log), len(request)) and request[keep] == log[keep]:
+        keep += 1
+    return keep, request[keep:]
+
+
+def written_until(messages: list[dict[str, str]], policy: SessionPolicy) -> int:
+    """How many leading messages of a session with log ``messages`` are due in memory (written or skipped)."""
+    pinned = 1 if messages and messages[0]["role"] == "system" else 0
+    conversation = len(messages) - pinned
+    if policy.write == "arrival":
+        return len(messages)
+    return pinned + max(0, conversation - policy.window)
+
+
+def rollback_point(
+    log: list[dict[str, str]], processed: int, keep: int, new: list[dict[str, str]], policy: SessionPolicy
+) -> int:
+    """After a fork that keeps ``log[:keep]`` and adds ``new``: how many leading messages the memory may still hold.
+
+    It is what a fresh session fed only the new branch would hold before this turn's new writes: no message past
+    the fork, none already written that the new branch keeps in its window.
+    """
+    return min(keep, processed, written_until(log[:keep] + new, policy))
 
 
 def plan_turn(
@@ -92,7 +140,7 @@ def plan_turn(
     pinned = messages[:1] if messages[0]["role"] == "system" else []
     conversation = messages[len(pinned) :]
     visible_start = max(0, len(conversation) - policy.window)
-    due_end = visible_start if policy.write == "leave" else len(conversation)
+    due_end = written_until(messages, policy) - len(pinned)
     start = max(processed - len(pinned), 0)
     writes: list[list[int]] = []
     if due_end > start:
@@ -110,6 +158,8 @@ __all__ = [
     "SessionPolicy",
     "TurnPlan",
     "check_new_messages",
-    "new_messages",
+    "follow",
     "plan_turn",
+    "rollback_point",
+    "written_until",
 ]

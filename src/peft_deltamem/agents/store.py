@@ -1,7 +1,8 @@
 """Where sessions live between turns: a directory (default) or Redis, with one lock per session.
 
-A session is stored as a :class:`SessionRecord`: the message log and counters as JSON, and the memory as
-the bytes of a ``DeltaMemory`` safetensors file. Saving is atomic: a reader sees the old turn or the new
+A session is stored as a :class:`SessionRecord`: the message log and counters as JSON, the memory as the
+bytes of a ``DeltaMemory`` safetensors file, and the memory checkpoints a fork returns to (one row each) as
+another. Saving is atomic: a reader sees the old turn or the new
 one, never a mix. The lock serialises turns of one session across threads and processes.
 """
 
@@ -57,15 +58,19 @@ class SessionRecord:
     processed: int = 0  # messages[:processed] have been written into memory (or skipped by the write policy)
     memory: bytes | None = None  # DeltaMemory.to_bytes(); None: nothing written yet
     stats: dict = field(default_factory=dict)  # turns, tokens_written, ...
+    # the memory after messages[:i] for each i in `checkpoints` (ascending, <= processed), one DeltaMemory row each
+    checkpoints: list[int] = field(default_factory=list)
+    checkpoint_memory: bytes | None = None
 
     def to_dict(self) -> dict:
         """Everything but the memory bytes, as JSON-ready data."""
         data = asdict(self)
         data.pop("memory")
+        data.pop("checkpoint_memory")
         return {"version": RECORD_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict, memory: bytes | None) -> SessionRecord:
+    def from_dict(cls, data: dict, memory: bytes | None, checkpoint_memory: bytes | None = None) -> SessionRecord:
         """The record of ``data`` (as :meth:`to_dict` wrote it); ValueError naming the field that is wrong."""
         if not isinstance(data, dict):
             raise ValueError(f"the record is a JSON {type(data).__name__}, not an object")
@@ -82,7 +87,17 @@ class SessionRecord:
             raise ValueError(f"'processed' must be an int in 0..{len(messages)}, got {processed!r}")
         if not isinstance(stats, dict):
             raise ValueError(f"'stats' must be an object, got {type(stats).__name__}")
-        return cls(messages=messages, processed=processed, stats=stats, memory=memory)
+        checkpoints = data.get("checkpoints", [])  # absent in records written before forks existed
+        if (
+            not isinstance(checkpoints, list)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= processed for c in checkpoints)
+            or checkpoints != sorted(set(checkpoints))
+        ):
+            raise ValueError(f"'checkpoints' must be ascending ints in 1..{processed}, got {checkpoints!r}")
+        if bool(checkpoints) != (checkpoint_memory is not None):
+            raise ValueError("'checkpoints' and the checkpoint memory file must be present together")
+        return cls(messages=messages, processed=processed, stats=stats, memory=memory, checkpoints=checkpoints,
+                   checkpoint_memory=checkpoint_memory)  # fmt: skip
 
 
 class SessionStore(ABC):
@@ -131,10 +146,13 @@ class DirectoryStore(SessionStore):
             return None
         try:
             data = json.loads(meta.read_text(encoding="utf-8"))
-            name = data.pop("memory_file", None) if isinstance(data, dict) else None
-            if name is not None and (not isinstance(name, str) or Path(name).name != name):
-                raise ValueError(f"'memory_file' must be a file name in the session folder, got {name!r}")
-            return SessionRecord.from_dict(data, (folder / name).read_bytes() if name else None)
+            blobs = {}
+            for field_name in ("memory_file", "checkpoint_file"):
+                name = data.pop(field_name, None) if isinstance(data, dict) else None
+                if name is not None and (not isinstance(name, str) or Path(name).name != name):
+                    raise ValueError(f"'{field_name}' must be a file name in the session folder, got {name!r}")
+                blobs[field_name] = (folder / name).read_bytes() if name else None
+            return SessionRecord.from_dict(data, blobs["memory_file"], blobs["checkpoint_file"])
         except (ValueError, OSError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
             raise CorruptSession(
                 f"session {session_id!r} cannot be read from {meta}: {error}. It is left as it is for inspection; "
@@ -145,15 +163,22 @@ class DirectoryStore(SessionStore):
         folder = self._dir(session_id)
         folder.mkdir(exist_ok=True)
         meta = folder / "session.json"
-        previous = json.loads(meta.read_text(encoding="utf-8")).get("memory_file") if meta.is_file() else None
-        name = None
-        if record.memory is not None:
-            name = f"memory-{time.time_ns()}.safetensors"
-            _atomic_write(folder / name, record.memory)
-        data = {**record.to_dict(), "memory_file": name}
+        previous = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+        names = {}
+        for field_name, prefix, blob in (
+            ("memory_file", "memory", record.memory),
+            ("checkpoint_file", "checkpoints", record.checkpoint_memory),
+        ):
+            names[field_name] = None
+            if blob is not None:
+                names[field_name] = f"{prefix}-{time.time_ns()}.safetensors"
+                _atomic_write(folder / names[field_name], blob)
+        data = {**record.to_dict(), **names}
         _atomic_write(meta, json.dumps(data, ensure_ascii=False).encode("utf-8"))
-        if previous and previous != name:
-            (folder / previous).unlink(missing_ok=True)
+        for field_name, name in names.items():
+            old = previous.get(field_name) if isinstance(previous, dict) else None
+            if isinstance(old, str) and Path(old).name == old and old != name:
+                (folder / old).unlink(missing_ok=True)
 
     def delete(self, session_id: str) -> bool:
         folder = self._dir(session_id)
@@ -199,7 +224,7 @@ class RedisStore(SessionStore):
             return None
         memory = data.get(b"memory") or None
         try:
-            return SessionRecord.from_dict(json.loads(data[b"record"]), memory)
+            return SessionRecord.from_dict(json.loads(data[b"record"]), memory, data.get(b"checkpoints") or None)
         except (KeyError, ValueError, UnicodeDecodeError) as error:
             raise CorruptSession(
                 f"session {session_id!r} cannot be read from Redis key {self._key(session_id)!r}: {error!r}. It is "
@@ -210,7 +235,8 @@ class RedisStore(SessionStore):
         key = self._key(session_id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            pipe.hset(key, mapping={"record": json.dumps(record.to_dict()), "memory": record.memory or b""})
+            pipe.hset(key, mapping={"record": json.dumps(record.to_dict()), "memory": record.memory or b"",
+                                    "checkpoints": record.checkpoint_memory or b""})  # fmt: skip
             pipe.sadd(f"{self.prefix}:sessions", session_id)
             pipe.execute()
 
