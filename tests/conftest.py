@@ -6,9 +6,15 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Torch runs on one thread in every test and in every process a test starts (the suite shares two cores with
+# other work; tiny models run several times faster on one thread, far more on a busy machine). Set before torch
+# is imported so that subprocesses (CLI, torchrun, demos) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -17,4 +17,5 @@ def test_quickstart_runs_as_written_and_the_memory_changes_the_answer(tmp_path, 
     tok = namespace["tok"]
     assert tok.decode(namespace["answer"][0, -1]) == "teal"  # recalled from memory
     assert tok.decode(namespace["no_memory"][0, -1]) != "teal"  # without the memory the fact is gone
-    assert (tmp_path / "session.safetensors").is_file()
+    assert Path(namespace["path"]).is_file() and not (tmp_path / "session.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_output"]  # the quickstart writes nothing here

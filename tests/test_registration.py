@@ -199,3 +199,35 @@ def test_loading_in_process_uses_the_registered_classes(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
     assert type(loaded.base_model) is DeltaMemModel
     assert type(loaded.peft_config["default"]) is DeltaMemConfig
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import peft_deltamem; from peft import PeftModel",
+        "import peft, peft_deltamem",
+        "from peft_deltamem.config import DeltaMemConfig",
+        "from peft_deltamem.model import DeltaMemModel",
+        "from peft_deltamem.layer import DeltaMemLayer",
+        "import peft_deltamem.agents.engine",
+        "from peft_deltamem import DeltaMemory",
+    ],
+)
+def test_the_type_is_registered_however_the_package_is_first_imported(first):
+    """peft is imported lazily (so that commands start at once), and δ-mem is registered with it whichever import
+    comes first, including a submodule that itself imports peft."""
+    code = (
+        f"{first}\nimport peft\nfrom peft import mapping\n"
+        "assert any(getattr(k, 'value', k) == 'DELTA_MEM' for k in mapping.PEFT_TYPE_TO_TUNER_MAPPING)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+
+
+def test_importing_the_package_and_its_command_line_loads_no_heavy_library():
+    code = (
+        "import sys, peft_deltamem, peft_deltamem.cli\n"
+        "heavy = [m for m in ('torch', 'peft', 'transformers', 'bitsandbytes', 'trl') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "peft_deltamem.cli.build_parser()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)

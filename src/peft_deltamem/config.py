@@ -300,3 +300,9 @@ def _check_safetensors(path: str) -> None:
             f"{path} is not a readable safetensors file ({error}): the adapter weights are corrupt or truncated. "
             "Save the adapter again with model.save_pretrained() or download it again."
         ) from error
+
+
+# peft may first have been imported from inside this module: finish δ-mem's registration now
+from . import _register_if_ready  # noqa: E402
+
+_register_if_ready()

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, default=ADAPTER, help="a δ-mem adapter for SmolLM2 (directory)")
     parser.add_argument("--episodes", type=int, default=8, help="conversations to replay")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's, which follows OMP_NUM_THREADS)"
+    )
     args = parser.parse_args(argv)
     if not (args.adapter / "adapter_config.json").is_file():
         raise SystemExit(
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     from .eval.chat_facts import ChatFactsConfig, generate_episodes, render_message, sessions
     from .real_model import load_smollm2
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     base, tokenizer = load_smollm2(cache=False)
     model = PeftModel.from_pretrained(base, args.adapter).eval()

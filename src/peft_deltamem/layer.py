@@ -422,3 +422,9 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             ]
             corrections["qkv"] = torch.cat(parts, dim=-1)
         return corrections
+
+
+# peft may first have been imported from inside this module: finish δ-mem's registration now
+from . import _register_if_ready  # noqa: E402
+
+_register_if_ready()

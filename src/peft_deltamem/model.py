@@ -481,3 +481,9 @@ def _guarded_adapter_load(original, model, state_dict, checkpoint_files, load_co
             model.delete_adapter(adapters[-1])  # the adapter load_adapter has just injected
         raise
     return original(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
+
+# peft may first have been imported from inside this module: finish δ-mem's registration now
+from . import _register_if_ready  # noqa: E402
+
+_register_if_ready()
