@@ -317,3 +317,36 @@ def test_a_damaged_session_is_a_500_naming_it_and_left_for_inspection(app_client
         assert "session 's'" in error["message"] and str(meta) in error["message"] and phrase in error["message"]
     assert meta.read_bytes() == damaged  # left as it was
     assert test_client.delete("/v1/sessions/s").status_code == 200  # and can be deleted
+
+
+def test_an_api_key_is_required_when_set_and_health_answers(saved_model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from peft_deltamem.agents.server import create_app
+
+    _, model, tokenizer = saved_model
+    engine = ChatEngine(model, tokenizer, DirectoryStore(tmp_path / "sessions"), SessionPolicy(window=2))
+    body = {"messages": [{"role": "user", "content": TURNS[0]}], "max_tokens": MAX_TOKENS}
+    try:
+        with TestClient(create_app(engine, "m", api_key="s3cret")) as http:
+            assert http.get("/health").json()["status"] == "ok"  # open: load balancers probe it
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                response = http.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "k", **headers})
+                assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+            assert http.get("/v1/models").status_code == 401
+            ok = http.post(
+                "/v1/chat/completions", json=body, headers={"X-Session-Id": "k", "Authorization": "Bearer s3cret"}
+            )
+            assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+        with pytest.raises(ValueError, match="api_key"):
+            create_app(engine, "m", api_key="")
+    finally:
+        engine.close()
+
+
+def test_serve_refuses_to_listen_beyond_localhost_without_a_key(monkeypatch):
+    from peft_deltamem import cli
+
+    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
+    monkeypatch.setattr(cli, "_engine", lambda args: pytest.fail("the model must not even load"))
+    assert cli.main(["serve", "--host", "0.0.0.0"]) == 2

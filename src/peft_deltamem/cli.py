@@ -58,11 +58,26 @@ def _engine(args: argparse.Namespace):
     return engine, name
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "PEFT_DELTAMEM_API_KEY"
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and args.host not in LOCAL_HOSTS and not args.allow_no_key:
+        print(
+            f"peft-deltamem serve: error: --host {args.host} would let anyone who reaches this machine read and change "
+            f"every session's memory. Give an API key (--api-key or ${API_KEY_ENV}; clients send 'Authorization: "
+            "Bearer <key>'), or pass --allow-no-key if the network in front of it is trusted.",
+            file=sys.stderr,
+        )
+        return 2
     from .agents.server import create_app, serve
 
     engine, name = _engine(args)
-    serve(create_app(engine, name, default_max_tokens=args.max_new_tokens), args.host, args.port)
+    serve(create_app(engine, name, default_max_tokens=args.max_new_tokens, api_key=api_key), args.host, args.port)
     return 0
 
 
@@ -188,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_runtime_options(server)
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument(
+        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/ requests (or set ${API_KEY_ENV})"
+    )
+    server.add_argument(
+        "--allow-no-key", action="store_true", help="listen beyond localhost without an API key (trusted networks)"
+    )
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     server.add_argument("--batch-size", type=int, default=8, help="turns of different sessions per batch (default: 8)")
     server.add_argument(

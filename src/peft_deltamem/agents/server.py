@@ -1,12 +1,15 @@
 """An OpenAI-compatible HTTP server over a :class:`~peft_deltamem.agents.engine.ChatEngine`.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events with ``"stream": true``), ``GET /v1/models``,
-``GET /v1/sessions/{id}`` (counters), ``POST /v1/sessions/{id}/reset`` and ``DELETE /v1/sessions/{id}``. A chat
-request names its session with the ``X-Session-Id`` header or the request's ``user`` field.
+``GET /v1/sessions/{id}`` (counters), ``POST /v1/sessions/{id}/reset`` and ``DELETE /v1/sessions/{id}``, and
+``GET /health`` (200 once the model is loaded: the app is built after it). A chat request names its session with
+the ``X-Session-Id`` header or the request's ``user`` field. With an API key every ``/v1/`` request must carry
+``Authorization: Bearer <key>`` (as OpenAI clients send it), or gets 401.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import queue
 import time
@@ -42,12 +45,32 @@ class ChatRequest(BaseModel):
     user: str | None = None
 
 
-def create_app(engine: ChatEngine, model_name: str, default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI application serving ``engine`` under the model id ``model_name``."""
+def create_app(
+    engine: ChatEngine, model_name: str, default_max_tokens: int = 256, api_key: str | None = None
+) -> FastAPI:
+    """The FastAPI application serving ``engine`` under the model id ``model_name``; with ``api_key``, ``/v1/``
+    requests need ``Authorization: Bearer <api_key>``."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string (or None for no key)")
     app = FastAPI(title="peft-deltamem", description="OpenAI-compatible chat with per-session δ-mem memory")
     created = int(time.time())
 
     app.add_middleware(BoundedBody, limit=MAX_REQUEST_BYTES)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
+            return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": model_name}
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
