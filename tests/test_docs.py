@@ -22,7 +22,8 @@ def test_training_md_trainer_example_runs_as_written(tmp_path, monkeypatch, one_
     saved = load_file(tmp_path / "delta_mem_out" / "adapter_model.safetensors")
     assert saved and all("delta_mem_" in key for key in saved)
     assert namespace["trainer"].state.global_step == 4
-    logged = [entry for entry in namespace["trainer"].state.log_history if any(k.startswith("delta_mem/") for k in entry)]
+    history = namespace["trainer"].state.log_history
+    logged = [entry for entry in history if any(k.startswith("delta_mem/") for k in entry)]
     assert logged, "the memory-health callback logged nothing"  # the example shows what it logs
     trained = {n: p for n, p in namespace["model"].named_parameters() if p.requires_grad}
     assert any(p.abs().sum() > 0 for n, p in trained.items() if "delta_mem_out" in n)  # the Δ heads left zero

@@ -350,3 +350,22 @@ def test_serve_refuses_to_listen_beyond_localhost_without_a_key(monkeypatch):
     monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
     monkeypatch.setattr(cli, "_engine", lambda args: pytest.fail("the model must not even load"))
     assert cli.main(["serve", "--host", "0.0.0.0"]) == 2
+
+
+def test_metrics_count_requests_batches_tokens_written_and_sessions(app_client):
+    http, _ = app_client
+    for turn in TURNS[:3]:
+        body = {"messages": [{"role": "user", "content": turn}], "max_tokens": MAX_TOKENS}
+        assert http.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "m1"}).status_code == 200
+    assert http.post("/v1/chat/completions", json=body).status_code == 400  # no session named
+    text = http.get("/metrics").text
+
+    def value(line_start: str) -> float:
+        return float(next(line for line in text.splitlines() if line.startswith(line_start)).split()[-1])
+
+    assert value('peft_deltamem_requests_total{route="/v1/chat/completions",status="200"}') == 3
+    assert value('peft_deltamem_requests_total{route="/v1/chat/completions",status="400"}') == 1
+    assert value('peft_deltamem_request_seconds_count{route="/v1/chat/completions"}') == 4
+    assert value("peft_deltamem_batch_sessions_count") == 3
+    assert value("peft_deltamem_tokens_written_total") > 0  # window 2: the first turns left it by turn 3
+    assert value("peft_deltamem_sessions") == 1

@@ -119,6 +119,8 @@ class ChatEngine:
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        # called after every batch with (sessions in the batch, tokens written): the server's metrics
+        self.on_batch: Callable[[int, int], None] | None = None
 
     # --------------------------------------------------------------------------------------------- API
 
@@ -264,6 +266,8 @@ class ChatEngine:
                 return
             memories = self._write([plan.writes for _, _, plan, _ in ready], [m for *_, m in ready])
             replies = self._generate([r for r, *_ in ready], [plan.prompt for _, _, plan, _ in ready], memories)
+            if self.on_batch is not None:
+                self.on_batch(len(ready), sum(len(w) for _, _, plan, _ in ready for w in plan.writes))
             for (request, record, plan, _), memory, (tokens, finish) in zip(ready, memories, replies):
                 reply = _text(self.tokenizer, tokens)
                 stats = dict(record.stats)

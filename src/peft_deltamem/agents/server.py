@@ -1,10 +1,10 @@
 """An OpenAI-compatible HTTP server over a :class:`~peft_deltamem.agents.engine.ChatEngine`.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events with ``"stream": true``), ``GET /v1/models``,
-``GET /v1/sessions/{id}`` (counters), ``POST /v1/sessions/{id}/reset`` and ``DELETE /v1/sessions/{id}``, and
-``GET /health`` (200 once the model is loaded: the app is built after it). A chat request names its session with
-the ``X-Session-Id`` header or the request's ``user`` field. With an API key every ``/v1/`` request must carry
-``Authorization: Bearer <key>`` (as OpenAI clients send it), or gets 401.
+``GET /v1/sessions/{id}`` (counters), ``POST /v1/sessions/{id}/reset`` and ``DELETE /v1/sessions/{id}``,
+``GET /health`` (200 once the model is loaded: the app is built after it) and ``GET /metrics`` (Prometheus). A
+chat request names its session with the ``X-Session-Id`` header or the request's ``user`` field. With an API key
+every ``/v1/`` request must carry ``Authorization: Bearer <key>`` (as OpenAI clients send it), or gets 401.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import ChatEngine, GenerationParams
@@ -68,9 +68,27 @@ def create_app(
                     return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
             return await call_next(request)
 
+    metrics = _Metrics(engine)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -189,6 +207,36 @@ def _usage(result) -> dict:
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
     }
+
+
+class _Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, engine: ChatEngine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        prefix = "peft_deltamem_"
+        self.requests = Counter(
+            prefix + "requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            prefix + "request_seconds", "HTTP request latency by route", ["route"], registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )  # fmt: skip
+        batch = Histogram(
+            prefix + "batch_sessions", "sessions per model batch", registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )  # fmt: skip
+        written = Counter(prefix + "tokens_written", "tokens written into memory", registry=self.registry)
+        sessions = Gauge(prefix + "sessions", "sessions in the store", registry=self.registry)
+        sessions.set_function(lambda: len(engine.store.list()))
+
+        def on_batch(size: int, tokens: int) -> None:
+            batch.observe(size)
+            written.inc(tokens)
+
+        engine.on_batch = on_batch
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
