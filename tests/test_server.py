@@ -369,3 +369,27 @@ def test_metrics_count_requests_batches_tokens_written_and_sessions(app_client):
     assert value("peft_deltamem_batch_sessions_count") == 3
     assert value("peft_deltamem_tokens_written_total") > 0  # window 2: the first turns left it by turn 3
     assert value("peft_deltamem_sessions") == 1
+
+
+def test_sigterm_finishes_the_turns_in_flight_and_saves_them(saved_model, tmp_path):
+    """uvicorn's graceful shutdown: on SIGTERM the server stops accepting, lets the turns in flight finish (each is
+    saved before its reply is sent) and exits (uvicorn re-raises the signal once it has shut down: status -15); every
+    turn a client saw completed is in the store."""
+    import concurrent.futures
+
+    process, url = start_server(saved_model, "--sessions", str(tmp_path / "sessions"))
+    ask(client(url), "warm", TURNS[0])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(ask, client(url), f"s{i}", TURNS[i % len(TURNS)]) for i in range(8)]
+            time.sleep(0.05)  # the turns are under way (a turn takes longer), some may not have connected yet
+            process.send_signal(signal.SIGTERM)
+            outcomes = [f.exception() is None for f in futures]
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        stop(process, kill=True)
+    store = DirectoryStore(tmp_path / "sessions")
+    for i, completed in enumerate(outcomes):
+        if completed:
+            assert len(store.load(f"s{i}").messages) == 2
+    assert any(outcomes), outcomes  # killed at once, every turn in flight would have failed
