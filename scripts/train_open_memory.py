@@ -61,6 +61,10 @@ def main(argv=None):
     parser.add_argument(
         "--all-questions", action="store_true", help="read every told fact's question from each written memory"
     )
+    parser.add_argument(
+        "--simple", action="store_true",
+        help="one fact, one small-talk exchange, one session, no updates or distractors (train and val): a probe",
+    )  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--n-val", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
@@ -114,7 +118,12 @@ def main(argv=None):
     general = general_prompts(open_facts, rng)
     model.eval()
     general_replies = greedy_replies(model, tok, general)  # the frozen model's own replies (teacher paths)
-    episodes = open_facts.generate_episodes("train", args.pool, seed=args.seed)
+    shape = None
+    if args.simple:
+        shape = open_facts.OpenFactsConfig(
+            max_facts=1, max_updates=0, max_distractors=0, max_small_talk=1, max_sessions=1
+        )
+    episodes = open_facts.generate_episodes("train", args.pool, shape, seed=args.seed)
     leave, arrival = SessionPolicy(window=2), SessionPolicy(window=10**6, write="arrival")
     rows, pool = [], []
     for e in episodes:
@@ -176,7 +185,7 @@ def main(argv=None):
     for i, item in enumerate(pool):
         buckets.setdefault(item["n_writes"], []).append(i)
 
-    val = open_facts.generate_episodes("val", args.n_val, seed=args.seed)
+    val = open_facts.generate_episodes("val", args.n_val, shape, seed=args.seed)
     t0 = time.perf_counter()
     reference = open_recall.evaluate(model, tok, val, conditions=("none", "context"))
     history["reference_val"] = {k: {a: b for a, b in v.items() if a != "replies"} for k, v in reference.items()}
