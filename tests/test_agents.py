@@ -513,3 +513,27 @@ def test_an_adapter_that_is_not_delta_mem_is_refused_by_name(tmp_path):
     get_peft_model(tiny_model("llama", vocab_size=len(tok)), lora).save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match="LORA adapter, not a δ-mem adapter"):
         load_chat_model(str(tmp_path / "base"), str(tmp_path / "lora"))
+
+
+def test_an_exported_session_imports_exactly_and_nothing_is_overwritten(model, tokenizer, tmp_path, one_thread):
+    policy = SessionPolicy(window=2, checkpoint_every=2)
+    source = engine_for(model, tokenizer, tmp_path / "a", policy=policy)
+    log = _conversation(source, "s", USER_TURNS[:4])
+    data = json.loads(json.dumps(source.export("s")))  # JSON all the way
+    target = engine_for(model, tokenizer, tmp_path / "b", policy=policy)
+    target.import_session("moved", data)
+    assert target.store.load("moved") == source.store.load("s")
+    following = [*log, {"role": "user", "content": USER_TURNS[5]}]
+    assert target.chat("moved", following, PARAMS).reply == source.chat("s", following, PARAMS).reply
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        target.import_session("moved", data)
+    target.import_session("moved", data, overwrite=True)
+    assert source.export("missing") is None
+    with pytest.raises(ValueError, match="not a session export"):
+        target.import_session("x", {"messages": []})
+    with pytest.raises(ValueError, match="base64"):
+        target.import_session("x", {**data, "memory": "not base64!"})
+    foreign = engine_for(make_model(tokenizer, seed=1), tokenizer, tmp_path / "c", policy=policy)
+    with pytest.raises(ValueError, match="weights"):
+        foreign.import_session("x", data)  # written by other adapter weights
+    assert foreign.store.load("x") is None

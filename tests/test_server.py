@@ -393,3 +393,17 @@ def test_sigterm_finishes_the_turns_in_flight_and_saves_them(saved_model, tmp_pa
         if completed:
             assert len(store.load(f"s{i}").messages) == 2
     assert any(outcomes), outcomes  # killed at once, every turn in flight would have failed
+
+
+def test_sessions_export_and_import_through_the_api(app_client):
+    http, store = app_client
+    body = {"messages": [{"role": "user", "content": TURNS[0]}], "max_tokens": MAX_TOKENS}
+    assert http.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "e1"}).status_code == 200
+    exported = http.get("/v1/sessions/e1/export").json()
+    assert exported["format"] == "peft-deltamem-session/1" and len(exported["messages"]) == 2
+    assert http.post("/v1/sessions/e2/import", json=exported).json()["imported"] is True
+    assert store.load("e2") == store.load("e1")
+    assert http.post("/v1/sessions/e2/import", json=exported).status_code == 409
+    assert http.post("/v1/sessions/e2/import?overwrite=true", json=exported).status_code == 200
+    assert http.get("/v1/sessions/none/export").status_code == 404
+    assert http.post("/v1/sessions/e3/import", json={"messages": []}).status_code == 400

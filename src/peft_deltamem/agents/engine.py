@@ -181,6 +181,47 @@ class ChatEngine:
             **record.stats,
         }
 
+    def export(self, session_id: str) -> dict | None:
+        """The session as JSON-ready data (log, counters, memory and checkpoints as base64), or None.
+
+        :meth:`import_session` on this or another engine serving the same adapter weights restores it exactly.
+        """
+        with self.store.lock(check_session_id(session_id), self.limits.lock_timeout):
+            record = self.store.load(session_id)
+        if record is None:
+            return None
+        return {
+            "format": EXPORT_FORMAT,
+            **record.to_dict(),
+            "memory": _b64(record.memory),
+            "checkpoint_memory": _b64(record.checkpoint_memory),
+        }
+
+    def import_session(self, session_id: str, data: dict, overwrite: bool = False) -> None:
+        """Store an :meth:`export`-ed session under ``session_id``.
+
+        Refuses (ValueError) data that is not an export or whose memory this model cannot read (another adapter
+        configuration or other weights), and (FileExistsError) an existing session unless ``overwrite=True``.
+        """
+        check_bool(overwrite, "overwrite")
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"not a session export: expected an object with \"format\": \"{EXPORT_FORMAT}\"")
+        data = dict(data)
+        data.pop("format")
+        try:
+            memory, checkpoints = _from_b64(data.pop("memory", None)), _from_b64(data.pop("checkpoint_memory", None))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the export's memory is not valid base64: {error}") from error
+        record = SessionRecord.from_dict(data, memory, checkpoints)
+        if self.memory:
+            for blob in (memory, checkpoints):
+                if blob is not None:
+                    self.model.check_memory(DeltaMemory.from_bytes(blob))
+        with self.store.lock(check_session_id(session_id), self.limits.lock_timeout):
+            if not overwrite and self.store.load(session_id) is not None:
+                raise FileExistsError(f"session {session_id!r} exists; import with overwrite=True to replace it")
+            self.store.save(session_id, record)
+
     def close(self) -> None:
         """Finish the queued turns and stop the worker thread (also done at interpreter exit)."""
         self._closed = True
@@ -388,6 +429,25 @@ def _group(batch: list[_Request]) -> list[list[_Request]]:
     for request in batch:
         groups.setdefault(request.params.key(), []).append(request)
     return list(groups.values())
+
+
+EXPORT_FORMAT = "peft-deltamem-session/1"
+
+
+def _b64(blob: bytes | None) -> str | None:
+    import base64
+
+    return None if blob is None else base64.b64encode(blob).decode("ascii")
+
+
+def _from_b64(text: object) -> bytes | None:
+    import base64
+
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"expected a base64 string, got {type(text).__name__}")
+    return base64.b64decode(text, validate=True)
 
 
 def _stop_ids(model, tokenizer) -> set[int]:

@@ -154,6 +154,21 @@ def create_app(
         future.add_done_callback(lambda _: pieces.put(_DONE))
         return StreamingResponse(_events(pieces, future, completion_id, model_name), media_type="text/event-stream")
 
+    @app.get("/v1/sessions/{session_id}/export")
+    def export(session_id: str) -> dict:
+        data = engine.export(session_id)
+        if data is None:
+            raise HTTPException(404, f"no session {session_id!r}")
+        return data
+
+    @app.post("/v1/sessions/{session_id}/import")
+    def import_(session_id: str, data: dict[str, Any], overwrite: bool = False) -> dict:
+        try:
+            engine.import_session(session_id, data, overwrite=overwrite)
+        except FileExistsError as error:
+            raise HTTPException(409, str(error)) from error
+        return {"session_id": session_id, "imported": True}
+
     @app.get("/v1/sessions/{session_id}")
     def session(session_id: str) -> dict:
         stats = engine.stats(session_id)
