@@ -537,3 +537,21 @@ def test_an_exported_session_imports_exactly_and_nothing_is_overwritten(model, t
     with pytest.raises(ValueError, match="weights"):
         foreign.import_session("x", data)  # written by other adapter weights
     assert foreign.store.load("x") is None
+
+
+def test_idle_sessions_expire_with_a_ttl(model, tokenizer, tmp_path, one_thread):
+    import time
+
+    store = DirectoryStore(tmp_path, ttl=0.5)
+    engine = ChatEngine(model, tokenizer, store, SessionPolicy(window=2))
+    run_turns(engine, "old", USER_TURNS[:2])
+    time.sleep(0.6)
+    run_turns(engine, "new", USER_TURNS[:1])
+    assert store.list() == ["new"] and store.load("old") is None
+    assert len(store.load("new").messages) == 2
+    assert store.purge_expired() == 1 and not (tmp_path / "old").exists() and (tmp_path / "new").exists()
+    run_turns(engine, "old", USER_TURNS[:1])  # an expired session starts afresh
+    assert len(store.load("old").messages) == 2
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError, match="ttl"):
+            DirectoryStore(tmp_path, ttl=bad)

@@ -228,6 +228,11 @@ def test_redis_store_passes_the_store_contract(redis_url):
             with RedisStore(redis.Redis.from_url(redis_url)).lock("s", timeout=0.2):
                 pass
     assert store.delete("s") and store.load("s") is None and store.list() == []
+    expiring = RedisStore(redis.Redis.from_url(redis_url), prefix="ttl", ttl=0.3)
+    expiring.save("idle", SessionRecord(messages=[{"role": "user", "content": "a"}], processed=0, memory=None))
+    assert expiring.list() == ["idle"]
+    time.sleep(0.5)
+    assert expiring.load("idle") is None and expiring.list() == [] and expiring.purge_expired() == 1
 
 
 def test_two_server_processes_share_a_session_through_redis(saved_model, redis_url, tmp_path):

@@ -45,9 +45,9 @@ def _engine(args: argparse.Namespace):
     if args.redis:
         import redis
 
-        store = RedisStore(redis.Redis.from_url(args.redis))
+        store = RedisStore(redis.Redis.from_url(args.redis), ttl=args.session_ttl)
     else:
-        store = DirectoryStore(args.sessions)
+        store = DirectoryStore(args.sessions, ttl=args.session_ttl)
     # the terminal chat sends each line as a new message (a line may repeat the first one): it never forks
     history = getattr(args, "history", "append")
     policy = SessionPolicy(window=args.window, write=args.write, write_roles=tuple(args.write_roles), history=history)
@@ -159,6 +159,9 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     sessions.add_argument("--sessions", default="sessions", help="session directory (default: ./sessions)")
     sessions.add_argument("--redis", default=None, help="keep sessions in Redis instead, e.g. redis://localhost:6379/0")
     sessions.add_argument("--window", type=int, default=6, help="messages kept visible (default: 6)")
+    sessions.add_argument(
+        "--session-ttl", type=float, default=None, help="forget a session idle for this many seconds (default: never)"
+    )
     sessions.add_argument(
         "--write", choices=("leave", "arrival"), default="leave", help="when a message is written (default: leave)"
     )

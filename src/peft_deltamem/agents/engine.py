@@ -121,6 +121,7 @@ class ChatEngine:
         self._closed = False
         # called after every batch with (sessions in the batch, tokens written): the server's metrics
         self.on_batch: Callable[[int, int], None] | None = None
+        self._last_purge = time.monotonic()
 
     # --------------------------------------------------------------------------------------------- API
 
@@ -268,6 +269,12 @@ class ChatEngine:
                     batch.append(request)
                     sessions.add(request.session_id)
             self._run_batch(batch)
+            if time.monotonic() - self._last_purge > PURGE_EVERY_S:  # a store with a ttl drops idle sessions
+                self._last_purge = time.monotonic()
+                try:
+                    self.store.purge_expired()
+                except Exception:  # noqa: BLE001 - housekeeping never stops the turns
+                    logger.exception("purging expired sessions failed")
 
     def _run_batch(self, batch: list[_Request]) -> None:
         for group in _group(batch):
@@ -432,6 +439,7 @@ def _group(batch: list[_Request]) -> list[list[_Request]]:
 
 
 EXPORT_FORMAT = "peft-deltamem-session/1"
+PURGE_EVERY_S = 60.0
 
 
 def _b64(blob: bytes | None) -> str | None:

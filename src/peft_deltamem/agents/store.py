@@ -123,18 +123,37 @@ class SessionStore(ABC):
     def lock(self, session_id: str, timeout: float | None = None) -> contextlib.AbstractContextManager:
         """Hold the session's lock (across threads and processes); raises :class:`SessionBusy` after ``timeout``."""
 
+    def purge_expired(self) -> int:
+        """Delete the sessions idle for longer than the store's ``ttl`` (skipping busy ones); how many went."""
+        return 0
+
+
+def _check_ttl(ttl: object) -> float | None:
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0):
+        raise ValueError(f"ttl must be a positive number of seconds (or None: sessions never expire), got {ttl!r}")
+    return ttl
+
 
 class DirectoryStore(SessionStore):
     """One folder per session under ``root``: ``session.json`` and the memory file it names.
 
     A save writes a new memory file, then atomically replaces ``session.json`` (which names that file), then
     removes the previous memory file: a crash at any point leaves a consistent session. The lock is an
-    ``fcntl`` lock on ``<root>/.locks/<id>.lock`` (threads and processes on one machine).
+    ``fcntl`` lock on ``<root>/.locks/<id>.lock`` (threads and processes on one machine). With ``ttl`` (seconds),
+    a session not saved for longer is gone: ``load`` and ``list`` no longer see it and :meth:`purge_expired`
+    deletes its folder.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, ttl: float | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.ttl = _check_ttl(ttl)
+
+    def _expired(self, meta: Path) -> bool:
+        try:
+            return self.ttl is not None and time.time() - meta.stat().st_mtime > self.ttl
+        except FileNotFoundError:
+            return True
 
     def _dir(self, session_id: str) -> Path:
         return self.root / check_session_id(session_id)
@@ -142,7 +161,7 @@ class DirectoryStore(SessionStore):
     def load(self, session_id: str) -> SessionRecord | None:
         folder = self._dir(session_id)
         meta = folder / "session.json"
-        if not meta.is_file():
+        if not meta.is_file() or self._expired(meta):
             return None
         try:
             data = json.loads(meta.read_text(encoding="utf-8"))
@@ -188,7 +207,25 @@ class DirectoryStore(SessionStore):
         return True
 
     def list(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / "session.json").is_file())
+        metas = (p / "session.json" for p in self.root.iterdir())
+        return sorted(m.parent.name for m in metas if m.is_file() and not self._expired(m))
+
+    def purge_expired(self) -> int:
+        if self.ttl is None:
+            return 0
+        gone = 0
+        for folder in self.root.iterdir():
+            meta = folder / "session.json"
+            if not meta.is_file() or not self._expired(meta):
+                continue
+            try:
+                with self.lock(folder.name, timeout=0):
+                    if self._expired(meta):  # not saved by a turn meanwhile
+                        shutil.rmtree(folder)
+                        gone += 1
+            except (SessionBusy, InvalidSessionId):
+                continue
+        return gone
 
     @contextlib.contextmanager
     def lock(self, session_id: str, timeout: float | None = None) -> Iterator[None]:
@@ -207,13 +244,17 @@ class RedisStore(SessionStore):
     """Sessions in Redis, shared by several server processes: one hash per session, a Redis lock per session.
 
     ``client`` is a ``redis.Redis`` (``redis.Redis.from_url("redis://localhost:6379/0")``). A save writes the
-    JSON and the memory bytes in one transaction.
+    JSON and the memory bytes in one transaction. With ``ttl`` (seconds) Redis expires a session not saved for
+    longer (``EXPIRE`` on every save).
     """
 
-    def __init__(self, client, prefix: str = "peft-deltamem", lock_ttl: float = 600.0) -> None:
+    def __init__(
+        self, client, prefix: str = "peft-deltamem", lock_ttl: float = 600.0, ttl: float | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.lock_ttl = lock_ttl
+        self.ttl = _check_ttl(ttl)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:session:{check_session_id(session_id)}"
@@ -237,6 +278,8 @@ class RedisStore(SessionStore):
             pipe.delete(key)
             pipe.hset(key, mapping={"record": json.dumps(record.to_dict()), "memory": record.memory or b"",
                                     "checkpoints": record.checkpoint_memory or b""})  # fmt: skip
+            if self.ttl is not None:
+                pipe.pexpire(key, max(1, round(self.ttl * 1000)))
             pipe.sadd(f"{self.prefix}:sessions", session_id)
             pipe.execute()
 
@@ -249,7 +292,19 @@ class RedisStore(SessionStore):
         return bool(deleted)
 
     def list(self) -> list[str]:
-        return sorted(m.decode("utf-8") for m in self.client.smembers(f"{self.prefix}:sessions"))
+        ids = sorted(m.decode("utf-8") for m in self.client.smembers(f"{self.prefix}:sessions"))
+        if self.ttl is None:
+            return ids
+        return [i for i in ids if self.client.exists(self._key(i))]  # expired keys leave their id behind
+
+    def purge_expired(self) -> int:
+        if self.ttl is None:
+            return 0
+        members = self.client.smembers(f"{self.prefix}:sessions")
+        gone = [m for m in members if not self.client.exists(self._key(m.decode("utf-8")))]
+        if gone:
+            self.client.srem(f"{self.prefix}:sessions", *gone)
+        return len(gone)
 
     @contextlib.contextmanager
     def lock(self, session_id: str, timeout: float | None = None) -> Iterator[None]:
