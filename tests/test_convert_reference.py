@@ -168,6 +168,7 @@ class ReferenceMath:
 
 CASES = {
     "release_q_o": {},
+    "authors_default_empty_target_layers": {"target_layers": []},  # their code reads [] as every layer
     "msw4_qkvo": {"num_state_heads": 4, "delta_heads": ["q", "k", "v", "o"]},
     "msw4_per_head_gates": {"num_state_heads": 4, "rankwise_gates": False},
     "delta_scale_layer1_only": {

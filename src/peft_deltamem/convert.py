@@ -268,12 +268,14 @@ def _plan(ref: dict, base_model_name_or_path: str | None) -> _Plan:
     target_layers = get("target_layers")
     if target_layers is not None and (
         not isinstance(target_layers, list)
-        or not target_layers
         or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in target_layers)
     ):
         raise _config_error(
-            "target_layers", target_layers, "expected null (every layer) or a list of layer indices", "fix the config"
-        )
+            "target_layers", target_layers, "expected null or [] (every layer) or a list of layer indices",
+            "fix the config",
+        )  # fmt: skip
+    if target_layers == []:  # the reference code's default: `if config.target_layers and ...` adapts every layer
+        target_layers = None
 
     base = base_model_name_or_path
     if base is None:
