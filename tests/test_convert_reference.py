@@ -450,3 +450,27 @@ def test_before_call_reads_depend_on_the_split_as_in_the_reference():
     # the later ones read the empty state instead of the writes of the messages before them
     torch.testing.assert_close(whole[:, :4], default[:, :4], atol=1e-5, rtol=0)
     assert (whole[:, 4:] - default[:, 4:]).abs().max() > 1e-2
+
+
+def test_an_adapter_saved_by_the_authors_own_code_reproduces_their_logits(tmp_path):
+    """tests/fixtures/authors_default was written by the authors' code (declare-lab/delta-Mem; see its SOURCE.md and
+    make_authors_adapter.py) with their default config, every field as they write it (target_layers [], all four
+    Δ heads, partition and reader fields at their defaults), and their logits for two calls that carry the memory.
+    The converted adapter gives the same logits within float32 rounding."""
+    import transformers
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "authors_default"
+    output = convert_reference_adapter(fixture, tmp_path / "adapter")
+    config = json.loads((fixture / "base_config.json").read_text())
+    base = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config)).eval()
+    base.load_state_dict(load_file(fixture / "base_model.safetensors"))
+    reference = load_file(fixture / "reference_logits.safetensors")
+    with torch.no_grad():
+        plain = [base(input_ids=reference[f"ids_{i}"]).logits for i in range(2)]
+    model = PeftModel.from_pretrained(base, output).eval()
+    memory = model.new_memory(batch_size=2)
+    for i in range(2):  # the second call reads what the first wrote
+        with torch.no_grad():
+            got = model(input_ids=reference[f"ids_{i}"], memory=memory).logits
+        assert (reference[f"logits_{i}"] - plain[i]).abs().max() > 0.1  # their adapter visibly acts
+        assert (got - reference[f"logits_{i}"]).abs().max() < 1e-5
