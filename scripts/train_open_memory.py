@@ -117,7 +117,8 @@ def main(argv=None):
     rng = random.Random(f"open-memory/{args.seed}")
     general = general_prompts(open_facts, rng)
     model.eval()
-    general_replies = greedy_replies(model, tok, general)  # the frozen model's own replies (teacher paths)
+    # the frozen model's own replies (teacher paths), only when the no-harm term reads them
+    general_replies = greedy_replies(model, tok, general) if args.general_share > 0 else []
     shape = None
     if args.simple:
         shape = open_facts.OpenFactsConfig(
@@ -336,7 +337,8 @@ def value_path_init(model, tok, hidden, rows, scale, segment, shared_qk, seed, s
     for name, layer in layers.items():
         q_proj = next(m for n, m in layer.named_modules() if n.endswith("q_proj"))
         hooks.append(q_proj.register_forward_hook(lambda m, i, o, key=name: captured.setdefault(key, []).append(i[0])))
-    hooks.append(decoder.norm.register_forward_pre_hook(lambda m, args: residual.append(args[0])))
+    # keep each position's RMS of the final residual, not the residual itself
+    hooks.append(decoder.norm.register_forward_pre_hook(lambda m, args: residual.append(args[0].pow(2).mean(-1))))
     index = torch.randperm(len(rows), generator=generator)[:2000].tolist()
     xs = {name: [] for name in layers}
     targets = []
@@ -361,7 +363,7 @@ def value_path_init(model, tok, hidden, rows, scale, segment, shared_qk, seed, s
     finally:
         for h in hooks:
             h.remove()
-    rho = torch.cat([r.reshape(-1, r.shape[-1]) for r in residual]).pow(2).mean(-1).sqrt().median().item()
+    rho = torch.cat([r.reshape(-1) for r in residual]).sqrt().median().item()
     E = base.get_output_embeddings().weight.detach()
     W = E * decoder.norm.weight.detach()
     report = {"rho": rho, "messages": len(index)}
