@@ -1,5 +1,6 @@
-"""What the scripts share: a parser built from the module docstring, and where a benchmark writes its results
-(a git-ignored folder by default, the committed ``docs/`` only when asked).
+"""What the scripts share: a parser built from the module docstring, where a benchmark writes its results
+(a git-ignored folder by default, the committed ``docs/`` only when asked), and the repository root on
+``sys.path`` (for ``benchmarks/``).
 
 Standard library only: every script parses its arguments before importing torch, so ``--help`` answers at once.
 """
@@ -7,10 +8,16 @@ Standard library only: every script parses its arguments before importing torch,
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+
+# The measurement code (``benchmarks/``, beside ``src/``) is not installed with the package: the repository root
+# goes on the path so that every script imports it, whatever the working directory.
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
 
 
 def doc_parser(doc: str) -> argparse.ArgumentParser:

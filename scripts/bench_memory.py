@@ -52,9 +52,9 @@ if __name__ == "__main__":
 
 import torch
 
-from peft_deltamem.eval.bench_report import write_report
-from peft_deltamem.eval.benchmark import DEFAULT_CACHE_DIR, BenchmarkConfig, run_benchmark, smoke_config
-from peft_deltamem.eval.extras import require
+from benchmarks.bench_report import write_report
+from benchmarks.benchmark import DEFAULT_CACHE_DIR, BenchmarkConfig, run_benchmark, smoke_config
+from benchmarks.extras import require
 
 
 def machine() -> str:

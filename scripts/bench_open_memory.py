@@ -54,7 +54,7 @@ def main(argv=None):
     import torch
     from peft import PeftModel
 
-    from peft_deltamem.eval import open_facts, open_recall
+    from benchmarks import open_facts, open_recall
     from peft_deltamem.real_model import load_smollm2
 
     torch.set_num_threads(args.threads)
@@ -124,7 +124,7 @@ def main(argv=None):
 
 def sweep_episodes(kind: str, value: int, args) -> list:
     """The chats of one sweep point: ``value`` facts, or ``value`` small-talk exchanges."""
-    from peft_deltamem.eval import open_facts
+    from benchmarks import open_facts
 
     if kind == "facts":
         config = open_facts.OpenFactsConfig(min_facts=value, max_facts=value, not_told_share=0.0)
@@ -170,24 +170,15 @@ def ttt_replies(plain, tok, episodes, args) -> list[str]:
     """Test-time training: a fresh LoRA (r 8, q/v) fine-tuned for --ttt-steps on the conversation's older messages,
     then the greedy reply to the window, rendered as the engine renders it."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    from benchmarks.ttt import ttt_fit, ttt_lora
     from peft_deltamem.agents.session import SessionPolicy, plan_turn
     from peft_deltamem.training.episodes import tokenize_messages
 
     replies = []
     for e in episodes:
-        lora = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-        params = [p for p in lora.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.ttt_lr)
-        ids = torch.tensor([tokenize_messages(e.messages[:-2], tok)[0]])
-        lora.train()
-        for _ in range(args.ttt_steps):
-            loss = lora(input_ids=ids, labels=ids).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        lora.eval()
+        lora = ttt_lora(plain)  # a new LoRA for every conversation, unloaded after it
+        ttt_fit(lora, torch.tensor([tokenize_messages(e.messages[:-2], tok)[0]]), args.ttt_steps, args.ttt_lr)
         prompt = torch.tensor([plan_turn([], 0, e.messages, tok, SessionPolicy(window=2)).prompt])
         with torch.no_grad():
             out = lora.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -220,7 +211,7 @@ def render(s: dict) -> str:
     targets = "\n".join(f"- {'met' if ok else '**not met**'}: {name}" for name, ok in s["targets"].items())
     return f"""# Open-vocabulary recall on SmolLM2-135M-Instruct
 
-Adapter `{s["adapter"]}`; {s["n"]} {s["split"]}-split episodes of `peft_deltamem.eval.open_facts` (values and
+Adapter `{s["adapter"]}`; {s["n"]} {s["split"]}-split episodes of `benchmarks.open_facts` (values and
 kinds of fact never trained); every reply produced by the chat engine and scored by what it says.
 Machine: {s["machine"]}.
 

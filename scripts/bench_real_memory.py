@@ -1,6 +1,6 @@
 """Real-model memory benchmark: SmolLM2-135M-Instruct recalling a user's facts, δ-mem against context baselines.
 
-Held-out chat-facts episodes (test split, seeded; peft_deltamem.eval.chat_facts): multi-session chats in which
+Held-out chat-facts episodes (test split, seeded; peft_deltamem.training.chat_facts): multi-session chats in which
 the user states 1-3 facts, sometimes updates one (the newest value is the answer), with small talk in between;
 the question comes in a new turn with a started answer, scored on the next token among the slot's 8 values.
 Every condition sees the question; they differ in what else they get:
@@ -72,8 +72,8 @@ def main(argv=None):
     import torch
     from peft import PeftModel
 
-    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
     from peft_deltamem.real_model import load_smollm2
+    from peft_deltamem.training.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_smollm2(cache=False)
@@ -147,7 +147,7 @@ def main(argv=None):
 
 def run_mode(model, tokenizer, mode, episodes, features, args) -> list[bool]:
     """Per-episode correctness of one condition."""
-    from peft_deltamem.eval.real_recall import answer_logits, correct, with_history
+    from benchmarks.real_recall import answer_logits, correct, with_history
 
     if mode == "ttt":
         return ttt_answers(tokenizer, features, args)
@@ -166,8 +166,8 @@ def run_mode(model, tokenizer, mode, episodes, features, args) -> list[bool]:
 
 def baseline_history(tokenizer, episode, feature, mode, args) -> list[int]:
     """The last ``window`` history tokens, after the BM25-retrieved user messages for ``bm25``."""
-    from peft_deltamem.eval.bm25 import BM25Retriever
-    from peft_deltamem.eval.chat_facts import render_message
+    from benchmarks.bm25 import BM25Retriever
+    from peft_deltamem.training.chat_facts import render_message
 
     tail = feature["memory_input_ids"][-args.window :]
     if mode == "truncated":
@@ -182,30 +182,22 @@ def ttt_answers(tokenizer, features, args) -> list[bool]:
     """Test-time training: for each episode a fresh LoRA (r 8 on q/v of every layer of a plain copy of the model)
     is fine-tuned on the conversation (language-model loss), then asked with the question alone."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from peft_deltamem.eval.real_recall import correct
+    from benchmarks.real_recall import correct
+    from benchmarks.ttt import ttt_fit, ttt_lora
     from peft_deltamem.real_model import load_smollm2
 
     plain, _ = load_smollm2(cache=False)
     torch.manual_seed(0)
-    lora = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    lora = ttt_lora(plain)
     params = {n: p for n, p in lora.named_parameters() if p.requires_grad}
     initial = {n: p.detach().clone() for n, p in params.items()}
     out = []
     for feature in features:
-        with torch.no_grad():
+        with torch.no_grad():  # every episode starts from the same LoRA
             for n, p in params.items():
                 p.copy_(initial[n])
-        optimizer = torch.optim.AdamW(params.values(), lr=args.ttt_lr)
-        ids = torch.tensor([feature["memory_input_ids"]])
-        lora.train()
-        for _ in range(args.ttt_steps):
-            loss = lora(input_ids=ids, labels=ids).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        lora.eval()
+        ttt_fit(lora, torch.tensor([feature["memory_input_ids"]]), args.ttt_steps, args.ttt_lr)
         with torch.no_grad():
             logits = lora(input_ids=torch.tensor([feature["input_ids"]])).logits[:, feature["answer_position"]]
         out += correct(logits.float(), [feature])
@@ -222,9 +214,10 @@ def lora_answers(tokenizer, features, args) -> list[bool]:
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
-    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_all_questions
-    from peft_deltamem.eval.real_recall import _pad, correct
+    from benchmarks.real_recall import correct
+    from peft_deltamem.padding import pad_rows
     from peft_deltamem.real_model import load_smollm2
+    from peft_deltamem.training.chat_facts import ChatFactsConfig, generate_episodes, tokenize_all_questions
     from peft_deltamem.training.frozen_prefix import cached_episode_forward, frozen_hidden
 
     started = time.perf_counter()  # loading, caching and training: reported apart from the answers
@@ -253,7 +246,7 @@ def lora_answers(tokenizer, features, args) -> list[bool]:
             order = list(range(len(pool)))
             rng.shuffle(order)
         index = [order.pop() for _ in range(16)]
-        labels, _ = _pad([pool[i]["labels"] for i in index], -100)
+        labels, _ = pad_rows([pool[i]["labels"] for i in index], -100)
         loss = cached_episode_forward(lora, None, [hidden[i] for i in index], labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -266,7 +259,7 @@ def lora_answers(tokenizer, features, args) -> list[bool]:
     with torch.no_grad():
         for i in range(0, len(features), 16):
             chunk = features[i : i + 16]
-            ids, mask = _pad([f["input_ids"] for f in chunk], tokenizer.pad_token_id)
+            ids, mask = pad_rows([f["input_ids"] for f in chunk], tokenizer.pad_token_id)
             logits = lora(input_ids=ids, attention_mask=mask).logits
             rows = logits[torch.arange(len(chunk)), torch.tensor([f["answer_position"] for f in chunk])]
             out += correct(rows.float(), chunk)
@@ -280,7 +273,7 @@ def cost_study(model, tokenizer, lengths) -> list[dict]:
 
     import torch
 
-    from peft_deltamem.eval.chat_facts import SMALL_TALK, render_message
+    from peft_deltamem.training.chat_facts import SMALL_TALK, render_message
 
     question = tokenizer(render_message("user", "What is my dog called?") + "<|im_start|>assistant\nYour dog is called",
                          return_tensors="pt", add_special_tokens=False).input_ids  # fmt: skip

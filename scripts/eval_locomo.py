@@ -3,7 +3,7 @@
 Loads the model with transformers' ``AutoModelForCausalLM``/``AutoTokenizer`` (a local directory or a Hub id; the
 Hub is only contacted if the id is not cached and ``HF_HUB_OFFLINE`` is unset), optionally a δ-mem adapter with
 ``PeftModel.from_pretrained``, answers the LoCoMo questions by greedy generation and scores them with
-``peft_deltamem.eval.locomo.score_predictions`` (token F1, LoCoMo recipe).
+``benchmarks.locomo.score_predictions`` (token F1, LoCoMo recipe).
 
     python scripts/eval_locomo.py --model Qwen/Qwen3-4B-Instruct-2507 --adapter path/to/delta-mem-adapter \\
         --mode memory --output preds.json
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _script import doc_parser
 
-# Spelled out here so that --help answers before torch is imported; tests check them against peft_deltamem.eval.locomo.
+# Spelled out here so that --help answers before torch is imported; tests check them against benchmarks.locomo.
 MODES = ("full", "truncated", "memory", "rag")
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 DEFAULT_CATEGORIES = (1, 2, 3, 4)
@@ -98,9 +98,9 @@ if __name__ == "__main__":
 
 import torch
 
-from peft_deltamem.eval.extras import require
-from peft_deltamem.eval.locomo import default_locomo_path, load_locomo
-from peft_deltamem.eval.locomo_runner import LocomoRunConfig, run_locomo
+from benchmarks.extras import require
+from benchmarks.locomo import default_locomo_path, load_locomo
+from benchmarks.locomo_runner import LocomoRunConfig, run_locomo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

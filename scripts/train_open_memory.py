@@ -82,10 +82,10 @@ def main(argv=None):
     import torch.nn.functional as F
     from peft import get_peft_model
 
+    from benchmarks import open_facts, open_recall
+    from benchmarks.real_recall import apply_copy_init
     from peft_deltamem import DeltaMemConfig
     from peft_deltamem.agents.session import SessionPolicy, plan_turn
-    from peft_deltamem.eval import open_facts, open_recall
-    from peft_deltamem.eval.real_recall import apply_copy_init
     from peft_deltamem.real_model import load_smollm2
     from peft_deltamem.training.episodes import tokenize_prompt_and_answer
     from peft_deltamem.training.frozen_prefix import cached_message_writes, cached_read_logits, frozen_hidden
@@ -449,7 +449,7 @@ def general_prompts(open_facts, rng) -> list[str]:
 
 
 def greedy_replies(model, tok, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
-    from peft_deltamem.eval.open_recall import engine_replies
+    from benchmarks.open_recall import engine_replies
 
     return engine_replies(model, tok, [[{"role": "user", "content": p}] for p in prompts], window=2, memory=False,
                           max_new_tokens=max_new_tokens)  # fmt: skip

@@ -1,6 +1,6 @@
 """Train a δ-mem adapter on SmolLM2-135M-Instruct to remember facts a user told it, and measure it.
 
-Episodes come from the seeded chat-facts generator (peft_deltamem.eval.chat_facts): multi-session chats in which
+Episodes come from the seeded chat-facts generator (peft_deltamem.training.chat_facts): multi-session chats in which
 the user states facts (dog's name, city, job, ...), updates some of them, and makes small talk; the question is
 asked with a started answer ("Your dog is called") and scored on the next token among the slot's 8 values.
 Training uses the train split; the learning curve is measured on the val split (every choice of recipe is made
@@ -121,8 +121,7 @@ def main(argv=None):
     from peft import get_peft_model
 
     import peft_deltamem  # noqa: F401
-    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
-    from peft_deltamem.eval.real_recall import (
+    from benchmarks.real_recall import (
         RecipeConfig,
         apply_copy_init,
         evaluate,
@@ -131,6 +130,7 @@ def main(argv=None):
         with_other_memory,
     )
     from peft_deltamem.real_model import load_smollm2
+    from peft_deltamem.training.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
 
     torch.set_num_threads(args.threads)
     layers = None
@@ -221,7 +221,7 @@ tags: [delta-mem, peft-deltamem]
 # δ-mem adapter for SmolLM2-135M-Instruct: remembering facts a user told it
 
 Base model: {BASE_MODEL_NAME}. Trained with [peft-deltamem](../../README.md) on the seeded chat-facts generator
-(`peft_deltamem.eval.chat_facts`, seed {recipe["seed"]}, train split; data: `{recipe["data"]}`).
+(`peft_deltamem.training.chat_facts`, seed {recipe["seed"]}, train split; data: `{recipe["data"]}`).
 
 Re-create (after `{INSTALL_COMMAND}`; {summary["threads"]} torch thread(s),
 {summary["train_minutes"]:.1f} min of training{pool}):

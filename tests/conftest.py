@@ -28,7 +28,7 @@ def require_locomo_file():
     Missing, it fails the test in CI (CI=true), where the project's data is always next to the checkout, and
     skips it elsewhere (a fresh clone without the data), with the reason in pytest's summary.
     """
-    from peft_deltamem.eval.locomo import default_locomo_path
+    from benchmarks.locomo import default_locomo_path
 
     path = default_locomo_path()
     if not path.is_file():

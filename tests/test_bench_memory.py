@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_deltamem.eval.bench_data import EpisodeMix, FeatureBuilder, answer_positions, bm25_top_k, context_tokens
-from peft_deltamem.eval.bench_report import gap_recovered, mean_ci, per_seed, spread
-from peft_deltamem.eval.bench_train import BackboneSpec, cached_backbone, fingerprint, lora_rank_for_budget
-from peft_deltamem.eval.synthetic import build_tokenizer
+from benchmarks.bench_data import EpisodeMix, FeatureBuilder, answer_positions, bm25_top_k, context_tokens
+from benchmarks.bench_report import gap_recovered, mean_ci, per_seed, spread
+from benchmarks.bench_train import BackboneSpec, cached_backbone, fingerprint, lora_rank_for_budget
+from benchmarks.synthetic import build_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
 MAIN = "δ-mem TSW r=8 state only"
@@ -150,7 +150,7 @@ def test_measure_sees_a_peak_served_from_memory_the_process_freed_earlier():
     """Without handing freed heap pages back first, the second call would show (almost) no growth."""
     import gc
 
-    from peft_deltamem.eval.bench_cost import measure
+    from benchmarks.bench_cost import measure
 
     def allocate():  # 10 x 20 MB, touched: glibc serves these from its heap once a 20 MB block has been freed
         return sum(float(torch.ones(5_000_000)[0]) for _ in range(10))

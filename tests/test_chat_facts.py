@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_deltamem.eval.chat_facts import SLOTS, ChatFactsConfig, generate_episode, generate_episodes
+from peft_deltamem.training.chat_facts import SLOTS, ChatFactsConfig, generate_episode, generate_episodes
 
 
 def test_episodes_are_seeded_and_splits_differ():
@@ -47,7 +47,7 @@ def test_counts_follow_the_config():
 
 
 def test_other_memory_control_rotates_only_the_memory():
-    from peft_deltamem.eval.real_recall import with_other_memory
+    from benchmarks.real_recall import with_other_memory
 
     features = [
         {"memory_input_ids": [i] * (i + 1), "memory_segment_ids": [0] * (i + 1), "input_ids": [10 + i]}
@@ -61,7 +61,7 @@ def test_other_memory_control_rotates_only_the_memory():
 
 
 def test_sessions_cut_the_conversation_at_greetings():
-    from peft_deltamem.eval.chat_facts import GREETINGS, sessions
+    from peft_deltamem.training.chat_facts import GREETINGS, sessions
 
     greetings = {hello for hello, _ in GREETINGS}
     counts = set()

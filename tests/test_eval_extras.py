@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from peft_deltamem.eval.extras import import_optional, require
-from peft_deltamem.eval.locomo import BM25TurnRetriever, LocomoTurn
+from benchmarks.extras import import_optional, require
+from benchmarks.locomo import BM25TurnRetriever, LocomoTurn
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

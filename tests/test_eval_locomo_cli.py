@@ -18,11 +18,11 @@ from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from benchmarks.locomo import default_locomo_path, load_locomo
+from benchmarks.locomo_runner import _memory_chunks
+from benchmarks.synthetic import build_tokenizer
 from conftest import require_locomo_file
 from peft_deltamem import DeltaMemConfig
-from peft_deltamem.eval.locomo import default_locomo_path, load_locomo
-from peft_deltamem.eval.locomo_runner import _memory_chunks
-from peft_deltamem.eval.synthetic import build_tokenizer
 from peft_deltamem.tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_cli_refuses_bad_arguments_by_name(argv, message, capsys):
 
 
 def test_cli_choices_match_the_library():
-    from peft_deltamem.eval import locomo
+    from benchmarks import locomo
 
     script = _load_script()
     assert script.MODES == locomo.MODES
@@ -183,7 +183,7 @@ def _fake_nltk(monkeypatch, stem):
 
 
 def test_porter_stemmer_flag_scores_with_the_stemmer(model_dirs, tmp_path, monkeypatch):
-    from peft_deltamem.eval.locomo import score_answer
+    from benchmarks.locomo import score_answer
 
     def one_stem(word: str) -> str:  # every token matches: a random model's answers score above 0 only if used
         return "x"
@@ -222,7 +222,7 @@ def test_memory_chunks_keep_messages_whole():
 
 def test_memory_mode_questions_do_not_write(model_dirs):
     """Questions are answered with writes off: after them the memory is exactly the written history."""
-    from peft_deltamem.eval.locomo_runner import LocomoRunConfig, run_conversation, write_memory
+    from benchmarks.locomo_runner import LocomoRunConfig, run_conversation, write_memory
     from peft_deltamem.training import tokenize_messages
 
     script = _load_script()

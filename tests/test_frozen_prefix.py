@@ -7,6 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_deltamem import DeltaMemConfig
+from peft_deltamem.padding import pad_rows
 from peft_deltamem.tiny_models import tiny_model
 from peft_deltamem.training.frozen_prefix import cached_episode_forward, first_adapted_layer, frozen_hidden
 
@@ -29,25 +30,15 @@ def _rows(lengths, seed):
     return [torch.randint(3, 128, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _pad(rows, value):
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros_like(out)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return out, mask
-
-
 @pytest.mark.parametrize("granularity", ["token", "segment"])
 @pytest.mark.parametrize("layers", [[2, 3], [1, 3]])
 def test_cached_forward_equals_the_episode_forward(granularity, layers):
     model = _model(granularity, layers)
     model.train()
     memory_rows, visible_rows = _rows([11, 7, 14], 0), _rows([5, 9, 6], 1)
-    memory, memory_mask = _pad(memory_rows, 0)
+    memory, memory_mask = pad_rows(memory_rows, 0)
     segments = torch.where(memory_mask.bool(), torch.arange(memory.shape[1]) // 3, -1)
-    visible, mask = _pad(visible_rows, 0)
+    visible, mask = pad_rows(visible_rows, 0)
     labels = torch.where(mask.bool(), visible, -100)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -85,7 +76,7 @@ def test_plain_cached_forward_of_a_lora_model_equals_its_forward():
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3], init_lora_weights=False),
     )
     rows = _rows([6, 9], 2)
-    ids, mask = _pad(rows, 0)
+    ids, mask = pad_rows(rows, 0)
     labels = torch.where(mask.bool(), ids, -100)
     full = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert first_adapted_layer(model) == 2
@@ -115,7 +106,7 @@ def test_refuses_gemma_whose_embeddings_are_scaled():
     ],
 )
 def test_a_recipe_with_a_pool_refuses_what_it_cannot_do(changes, message):
-    from peft_deltamem.eval.real_recall import RecipeConfig, _hidden_pool
+    from benchmarks.real_recall import RecipeConfig, _hidden_pool
 
     with pytest.raises(ValueError, match=message):
         _hidden_pool(None, None, RecipeConfig(batch_size=8, **changes), None)

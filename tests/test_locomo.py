@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_locomo_file
-from peft_deltamem.eval.locomo import (
+from benchmarks.locomo import (
     ADVERSARIAL_ANSWER,
     BM25TurnRetriever,
     LocomoEpisode,
@@ -26,6 +25,7 @@ from peft_deltamem.eval.locomo import (
     segment_ids,
     token_f1,
 )
+from conftest import require_locomo_file
 
 LOCOMO_PATH = Path(__file__).resolve().parents[2] / "shared/data/locomo10.json"
 

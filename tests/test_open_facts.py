@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from peft_deltamem.eval import open_facts
-from peft_deltamem.eval.open_facts import (
+from benchmarks import open_facts
+from benchmarks.open_facts import (
     KINDS,
     OpenFactsConfig,
     contains_value,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
+from benchmarks import open_recall
+from benchmarks.open_facts import OpenFactsEpisode
 from peft_deltamem import DeltaMemConfig
-from peft_deltamem.eval import open_recall
-from peft_deltamem.eval.open_facts import OpenFactsEpisode
 from peft_deltamem.recall_task import build_tokenizer
 from peft_deltamem.tiny_models import tiny_model
 

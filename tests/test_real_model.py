@@ -106,8 +106,8 @@ def test_training_step_reaches_every_adapted_layer(smollm2):
     model, tokenizer = smollm2()
     config = DeltaMemConfig(task_type="CAUSAL_LM", write_granularity="segment", layers_to_transform=[28, 29])
     peft_model = get_peft_model(model, config).train()
-    from peft_deltamem.eval.chat_facts import generate_episode, tokenize_episode
     from peft_deltamem.training import DeltaMemDataCollator
+    from peft_deltamem.training.chat_facts import generate_episode, tokenize_episode
 
     features = [tokenize_episode(generate_episode("train", i), tokenizer) for i in range(2)]
     keys = ("memory_input_ids", "memory_segment_ids", "input_ids", "labels")
@@ -127,8 +127,8 @@ def test_memory_carries_the_facts_of_a_batch(smollm2):
     """The write -> state -> read path really transports information on this model: a few steps fit a batch of
     episodes whose answers are only in memory (an empty memory stays at the frozen model's loss). This is
     memorisation, not generalisation: see docs/real_model.md for held-out recall."""
-    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
     from peft_deltamem.training import DeltaMemDataCollator
+    from peft_deltamem.training.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
 
     model, tokenizer = smollm2()
     torch.manual_seed(0)
@@ -209,8 +209,8 @@ def test_shipped_adapter_recalls_facts_from_memory_on_unseen_episodes(smollm2):
     model card reports, recalls from memory far above the frozen model without the history."""
     import json
 
-    from peft_deltamem.eval.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
-    from peft_deltamem.eval.real_recall import evaluate
+    from benchmarks.real_recall import evaluate
+    from peft_deltamem.training.chat_facts import ChatFactsConfig, generate_episodes, tokenize_episode
 
     config = json.loads((SHIPPED / "adapter_config.json").read_text())
     assert config["peft_type"] == "DELTA_MEM" and "SmolLM2-135M-Instruct" in config["base_model_name_or_path"]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from jinja2.exceptions import TemplateError
 
-from peft_deltamem.eval.synthetic import (
+from benchmarks.synthetic import (
     SLOTS,
     SLOTS_BY_NAME,
     SPECIAL_TOKENS,

@@ -3,7 +3,7 @@ Fit M = U V (d x k)(k x d) with logits = E diag(g) (U V x) * t, CE on the token 
 held-out values (val split)."""
 import sys, time, torch, torch.nn.functional as F
 from peft_deltamem.real_model import load_smollm2
-from peft_deltamem.eval import open_facts
+from benchmarks import open_facts
 torch.set_num_threads(2); torch.manual_seed(0)
 model, tok = load_smollm2(cache=False)
 L = [int(x) for x in sys.argv[1].split(",")]

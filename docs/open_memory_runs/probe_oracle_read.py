@@ -2,7 +2,7 @@
 frozen model say the value? Inject c * B B^T x_v(l) into layer l's o_proj output at the answer position."""
 import sys, torch, itertools
 from peft_deltamem.real_model import load_smollm2
-from peft_deltamem.eval import open_facts
+from benchmarks import open_facts
 torch.set_num_threads(2)
 model, tok = load_smollm2(cache=False)
 eps = [e for e in open_facts.generate_episodes("val", 200, seed=1) if e.value][:60]

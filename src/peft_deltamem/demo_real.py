@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     from peft import PeftModel
 
-    from .eval.chat_facts import ChatFactsConfig, generate_episodes, render_message, sessions
     from .real_model import load_smollm2
+    from .training.chat_facts import ChatFactsConfig, generate_episodes, render_message, sessions
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

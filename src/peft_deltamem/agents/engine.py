@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..padding import pad_rows
 from ..runtime import check_bool
 from ..state import DeltaMemory
 from .session import RequestTooLarge, SessionPolicy, check_new_messages, follow, plan_turn, rollback_point
@@ -370,7 +371,7 @@ class ChatEngine:
         device = self._device()
         for step in range(max((len(w) for w in writes), default=0)):
             rows = [i for i, w in enumerate(writes) if len(w) > step]
-            ids, mask = _padded([writes[i][step] for i in rows], self.pad_id, "right")
+            ids, mask = pad_rows([writes[i][step] for i in rows], self.pad_id, "right")
             memory = DeltaMemory.cat([memories[i] for i in rows])
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "memory": memory}
             if self.segment_writes:  # one message per call: one segment
@@ -384,7 +385,7 @@ class ChatEngine:
     def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory]):
         """One generate over all rows (left padding), reading the memories without writing."""
         device = self._device()
-        ids, mask = _padded(prompts, self.pad_id, "left")
+        ids, mask = pad_rows(prompts, self.pad_id, "left")
         width = ids.shape[1]
         params = requests[0].params
         limit = max(r.params.max_new_tokens for r in requests)
@@ -416,18 +417,6 @@ class ChatEngine:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def _padded(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of token rows padded on ``side`` to the longest row."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, row in enumerate(rows):
-        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        ids[j, span] = torch.tensor(row)
-        mask[j, span] = 1
-    return ids, mask
 
 
 def _group(batch: list[_Request]) -> list[list[_Request]]:

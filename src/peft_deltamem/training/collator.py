@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..padding import pad_rows
 from ..runtime import check_bool
 from .episodes import IGNORE_INDEX
 
@@ -150,10 +151,11 @@ class DeltaMemDataCollator:
             mem_rows.append(memory)
             seg_rows.append(segments)
 
-        input_ids, attention_mask = self._pad(ids_rows, self.pad_token_id, self.padding_side)
-        labels, _ = self._pad(label_rows, IGNORE_INDEX, self.padding_side)
-        memory_input_ids, memory_attention_mask = self._pad(mem_rows, self.pad_token_id, self.memory_padding_side)
-        memory_segment_ids, _ = self._pad(seg_rows, SEGMENT_PAD_ID, self.memory_padding_side)
+        side, memory_side, multiple = self.padding_side, self.memory_padding_side, self.pad_to_multiple_of
+        input_ids, attention_mask = pad_rows(ids_rows, self.pad_token_id, side, multiple)
+        labels, _ = pad_rows(label_rows, IGNORE_INDEX, side, multiple)
+        memory_input_ids, memory_attention_mask = pad_rows(mem_rows, self.pad_token_id, memory_side, multiple)
+        memory_segment_ids, _ = pad_rows(seg_rows, SEGMENT_PAD_ID, memory_side, multiple)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -200,20 +202,6 @@ class DeltaMemDataCollator:
             cut = min(len(ids) - budget, max(first_label - 1, 0))
             ids, labels = ids[cut:], labels[cut:]
         return ids, labels
-
-    def _pad(self, rows: list[list[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        if self.pad_to_multiple_of and width % self.pad_to_multiple_of:
-            width += self.pad_to_multiple_of - width % self.pad_to_multiple_of
-        out = torch.full((len(rows), width), value, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if not len(r):
-                continue
-            span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-            out[i, span] = torch.as_tensor(r, dtype=torch.long)
-            mask[i, span] = 1
-        return out, mask
 
 
 def _is_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..padding import pad_rows  # defined here before; still importable from this module
 from ..runtime import CALL_KWARG, CallRecord
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -75,22 +76,6 @@ def only_layers(model, start: int, stop: int | None = None) -> Iterator[None]:
         yield
     finally:
         decoder.layers = layers
-
-
-def pad_rows(rows: Sequence[torch.Tensor], value=0, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad per-row tensors of shape ``(length, ...)`` (token ids, hidden states) into ``(B, T, ...)`` filled with
-    ``value``, plus the 2-D attention mask. ``side="left"`` ends every row at the last position."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    width = max((r.shape[0] for r in rows), default=0)
-    first = rows[0]
-    out = first.new_full((len(rows), width, *first.shape[1:]), value)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=first.device)
-    for i, r in enumerate(rows):
-        span = slice(0, r.shape[0]) if side == "right" else slice(width - r.shape[0], width)
-        out[i, span] = r
-        mask[i, span] = 1
-    return out, mask
 
 
 @torch.no_grad()
@@ -219,5 +204,4 @@ __all__ = [
     "first_adapted_layer",
     "frozen_hidden",
     "only_layers",
-    "pad_rows",
 ]

@@ -36,7 +36,8 @@ import torch
 from peft import get_peft_model
 from transformers import PreTrainedTokenizerFast
 
-from ..config import DeltaMemConfig
+from peft_deltamem.config import DeltaMemConfig
+
 from .bench_train import BackboneSpec
 from .synthetic import SyntheticTaskConfig, generate_episode, render_chat
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..training.episodes import tokenize_messages, tokenize_prompt_and_answer
+from peft_deltamem.training.episodes import tokenize_messages, tokenize_prompt_and_answer
+
 from .locomo import DEFAULT_CATEGORIES, LocomoConversation, LocomoEpisode, build_episodes, score_predictions
 
 logger = logging.getLogger(__name__)

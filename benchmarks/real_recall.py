@@ -1,4 +1,4 @@
-"""Train and measure δ-mem recall on a real chat model with the :mod:`~peft_deltamem.eval.chat_facts` task.
+"""Train and measure δ-mem recall on a real chat model with the :mod:`~peft_deltamem.training.chat_facts` task.
 
 Three conditions on the same episodes, all scored on the started answer's next token:
 
@@ -25,20 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..training.collator import DeltaMemDataCollator
-from .chat_facts import ChatFactsConfig, generate_episodes, tokenize_all_questions, tokenize_episode
+from peft_deltamem.padding import pad_rows
+from peft_deltamem.training.chat_facts import (
+    ChatFactsConfig,
+    generate_episodes,
+    tokenize_all_questions,
+    tokenize_episode,
+)
+from peft_deltamem.training.collator import DeltaMemDataCollator
 
 MODES = ("none", "memory", "context")
-
-
-def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -48,10 +44,10 @@ def answer_logits(model, features: list[dict], mode: str, pad_id: int) -> torch.
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     offset = 0
     if mode == "context":
-        ids, mask = _pad([f["context_input_ids"] for f in features], pad_id)
+        ids, mask = pad_rows([f["context_input_ids"] for f in features], pad_id)
         positions = [len(f["memory_input_ids"]) + f["answer_position"] for f in features]
     else:
-        ids, mask = _pad([f["input_ids"] for f in features], pad_id)
+        ids, mask = pad_rows([f["input_ids"] for f in features], pad_id)
         positions = [f["answer_position"] for f in features]
     keep = sorted(set(positions))
     kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": torch.tensor(keep), "use_cache": False}
@@ -61,8 +57,8 @@ def answer_logits(model, features: list[dict], mode: str, pad_id: int) -> torch.
     elif hasattr(model, "peft_config"):
         rows = [f["memory_input_ids"] if mode == "memory" else [] for f in features]
         segs = [f["memory_segment_ids"] if mode == "memory" else [] for f in features]
-        memory, memory_mask = _pad(rows, pad_id)
-        segments, _ = _pad(segs, -1)
+        memory, memory_mask = pad_rows(rows, pad_id)
+        segments, _ = pad_rows(segs, -1)
         segments[memory_mask == 0] = -1
         kwargs.update(memory_input_ids=memory, memory_attention_mask=memory_mask, memory_segment_ids=segments)
     elif mode == "memory":
@@ -170,7 +166,7 @@ class RecipeConfig:
     data: dict = field(default_factory=lambda: asdict(ChatFactsConfig()))
 
     def peft_config(self):
-        from ..config import DeltaMemConfig
+        from peft_deltamem.config import DeltaMemConfig
 
         return DeltaMemConfig(
             task_type="CAUSAL_LM",
@@ -194,7 +190,7 @@ def apply_copy_init(model, scale: float, seed: int = 0, shared_qk: bool = False)
     With ``shared_qk`` also W_mk = W_mq, so that keys and queries of similar hidden states agree from the start.
     Returns the number of layers initialised.
     """
-    from ..layer import DeltaMemLayer
+    from peft_deltamem.layer import DeltaMemLayer
 
     generator = torch.Generator().manual_seed(seed)
     count = 0
@@ -233,7 +229,7 @@ def _tokenized(episodes, tokenizer, recipe: RecipeConfig) -> list[dict]:
 def _hidden_pool(model, tokenizer, recipe: RecipeConfig, data: ChatFactsConfig) -> dict:
     """``recipe.cache_pool`` train episodes with the frozen hidden states entering the first adapted layer of
     both streams (computed once: the layers below are frozen and read no memory)."""
-    from ..training.frozen_prefix import first_adapted_layer, frozen_hidden
+    from peft_deltamem.training.frozen_prefix import first_adapted_layer, frozen_hidden
 
     if recipe.cache_pool < recipe.batch_size:
         raise ValueError(
@@ -265,7 +261,7 @@ def _hidden_pool(model, tokenizer, recipe: RecipeConfig, data: ChatFactsConfig) 
 
 def _pool_step(model, pool: dict, recipe: RecipeConfig):
     """One batch of the pool (a fresh seeded shuffle every epoch) through :func:`cached_episode_forward`."""
-    from ..training.frozen_prefix import cached_episode_forward
+    from peft_deltamem.training.frozen_prefix import cached_episode_forward
 
     if len(pool["order"]) < recipe.batch_size:
         order = list(range(pool["episodes"]))
@@ -273,15 +269,15 @@ def _pool_step(model, pool: dict, recipe: RecipeConfig):
         pool["order"] = order
     index = [pool["order"].pop() for _ in range(recipe.batch_size)]
     features = [pool["features"][i] for i in index]
-    labels, _ = _pad([f["labels"] for f in features], -100)
+    labels, _ = pad_rows([f["labels"] for f in features], -100)
     segments = None
     if recipe.write_granularity == "segment":
-        segments, mask = _pad([f["memory_segment_ids"] for f in features], -1)
+        segments, mask = pad_rows([f["memory_segment_ids"] for f in features], -1)
         segments[mask == 0] = -1
     output = cached_episode_forward(
         model, [pool["memory"][i] for i in index], [pool["visible"][i] for i in index], labels, segments
     )
-    _, memory_mask = _pad([f["memory_input_ids"] for f in features], 0)
+    _, memory_mask = pad_rows([f["memory_input_ids"] for f in features], 0)
     return {"labels": labels, "memory_attention_mask": memory_mask}, output
 
 

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ..config import DeltaMemConfig
+from peft_deltamem.config import DeltaMemConfig
+
 from .bench_cost import CostSpec, cost_curve, measure
 from .bench_data import EpisodeMix, FeatureBuilder, bm25_top_k, context_tokens
 from .bench_train import (

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from ..tiny_models import tiny_model
-from ..training import DeltaMemDataCollator
+from peft_deltamem.tiny_models import tiny_model
+from peft_deltamem.training import DeltaMemDataCollator
+
 from .bench_data import IGNORE_INDEX, Feature
 
 

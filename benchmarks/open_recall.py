@@ -1,6 +1,6 @@
 """Measure open-vocabulary recall the way a user meets it: chats played through the chat engine, scored by reply.
 
-Every condition sends a whole :mod:`~peft_deltamem.eval.open_facts` conversation to a fresh session of
+Every condition sends a whole :mod:`~benchmarks.open_facts` conversation to a fresh session of
 :class:`~peft_deltamem.agents.engine.ChatEngine` (the code path of ``peft-deltamem chat`` and ``serve``) and
 scores the greedy reply it returns:
 
@@ -13,7 +13,7 @@ scores the greedy reply it returns:
 ``other_memory``   another episode's history with this episode's question (a control: no real recall)
 =================  ========================================================================================
 
-and, for the no-harm check, fixed general questions (:data:`~peft_deltamem.eval.open_facts.GENERAL`) asked after
+and, for the no-harm check, fixed general questions (:data:`~benchmarks.open_facts.GENERAL`) asked after
 an unrelated conversation, with the memory (``general_memory``) and without (``general_window``).
 """
 
@@ -40,9 +40,9 @@ def engine_replies(
     batch_size: int = 8,
 ) -> list[str]:
     """The engine's greedy reply to each conversation, each in a fresh session (sessions batched)."""
-    from ..agents.engine import ChatEngine, GenerationParams, Limits
-    from ..agents.session import SessionPolicy
-    from ..agents.store import DirectoryStore
+    from peft_deltamem.agents.engine import ChatEngine, GenerationParams, Limits
+    from peft_deltamem.agents.session import SessionPolicy
+    from peft_deltamem.agents.store import DirectoryStore
 
     was_training = model.training
     with tempfile.TemporaryDirectory() as root:

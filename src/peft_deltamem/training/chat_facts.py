@@ -15,6 +15,9 @@ only for the final numbers). Everything is plain Python (``random.Random``), so 
 :mod:`peft_deltamem.training.collator`): the conversation as the **memory stream** (ChatML, one segment per
 message), the question + started answer as the **visible stream** with labels on the value's tokens, and the
 **full-context** stream (conversation + question) for the full-context baseline.
+
+The data of the second demo (``python -m peft_deltamem.demo_real``) and of ``scripts/train_real_memory.py``; the
+recall measured on it is ``benchmarks/real_recall.py`` (in a checkout, not installed).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class LocomoFormatError(ValueError):
 
 def default_locomo_path() -> Path:
     """``<repository root>/../shared/data/locomo10.json``, where the project keeps the data file."""
-    repo_root = Path(__file__).resolve().parents[3]
+    repo_root = Path(__file__).resolve().parents[1]
     return repo_root.parent / "shared" / "data" / "locomo10.json"
 
 
