@@ -315,8 +315,12 @@ def adapter_digest(model) -> tuple[dict[str, torch.Tensor], str]:
 
 def memory_buffers(model, memory) -> list[str]:
     """Names of buffers that hold a δ-mem memory state (must be none: DDP would broadcast them)."""
-    pointers = {s.data_ptr() for s in memory._states.values()}
-    return [n for n, b in model.named_buffers() if b.data_ptr() in pointers or "delta_mem" in n]
+    states = list(memory.states.values())  # copies: compared by value (a buffer holding the state equals it)
+    return [
+        n
+        for n, b in model.named_buffers()
+        if "delta_mem" in n or any(b.shape == s.shape and torch.equal(b.to(s.device), s) for s in states)
+    ]
 
 
 def dump_rank_weights(directory: str, trainer: Trainer, initial: str, fingerprint: FirstBatchFingerprint) -> None:

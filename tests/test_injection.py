@@ -554,6 +554,32 @@ def test_delete_adapter_with_two_adapters():
         assert torch.equal(logits(model, ids), reference)
 
 
+def test_only_corrected_projections_carry_a_hook_and_memories_follow_adapter_changes():
+    """A projection no Δ head corrects runs without a hook (no cost); adding, deleting and unloading adapters is seen
+    by what the model derives from its layers once (descriptions of new memories, the memory check)."""
+    model = make_peft(tiny_model("llama"), delta_heads=("o",))
+    attention = decoder_layers(model)[0].self_attn
+    hooked = {slot for slot, name in attention.layout.projections.items()
+              if getattr(attention.base_layer, name)._forward_hooks}  # fmt: skip
+    assert hooked == {"o"}
+    assert model.new_memory(1).r == 8
+    model.add_adapter("other", DeltaMemConfig(r=4, init_weights=False, delta_heads=("q", "v")))
+    hooked = {slot for slot, name in attention.layout.projections.items()
+              if getattr(attention.base_layer, name)._forward_hooks}  # fmt: skip
+    assert hooked == {"q", "v", "o"}
+    default_memory = model.new_memory(1)
+    model.set_adapter("other")
+    memory = model.new_memory(2)
+    assert (memory.adapter_name, memory.r, memory.delta_heads) == ("other", 4, ("q", "v"))
+    model(input_ids=random_ids(2, 5), memory=memory)  # the check sees the new adapter's description
+    assert not memory.is_empty
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="does not have"):
+        model.check_memory(default_memory)
+    with pytest.raises(ValueError):
+        model.new_memory(1, adapter_name="default")
+
+
 def test_deepcopy_hooks_act_on_the_copy():
     model = make_peft()
     ids = random_ids(2, 8)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.modules.module import _global_backward_hooks, _global_forward_hooks, _global_forward_pre_hooks
 
 from . import ops
 from .architectures import AttentionLayout
@@ -31,6 +32,20 @@ def _thread_key() -> int:
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
 
 
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for one of the adapter's Linear layers; a plain ``nn.Linear`` with no hooks (nothing gathers,
+    shards or observes it) is applied directly, without the module call's dispatch (a few µs per layer and token).
+    Sharding wrappers (FSDP2 replaces the class, ZeRO-3 registers hooks) and user hooks keep the module call."""
+    if (
+        type(module) is nn.Linear
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks)
+    ):
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
 @dataclass(frozen=True)
 class AdapterSettings:
     """The per-adapter numbers a layer needs at run time (derived from the config)."""
@@ -42,6 +57,7 @@ class AdapterSettings:
     write_granularity: str
     segment_read: str
     config_hash: str
+    head_sizes: tuple[int, ...] = ()  # output width of each Δ head, in delta_heads order
 
     @property
     def width(self) -> int:
@@ -79,9 +95,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self._corrections: dict[int, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        runtime.layers[name] = self
-        for slot, child_name in layout.projections.items():
-            getattr(base_layer, child_name).register_forward_hook(functools.partial(self._add_correction, slot))
+        self._hooked: set[str] = set()  # projection slots with a correction hook (those some adapter corrects)
+        runtime.register_layer(name, self)
 
     def __getattr__(self, name: str):
         try:
@@ -121,6 +136,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             write_granularity=config.write_granularity,
             segment_read=config.segment_read,
             config_hash=config.fingerprint(),
+            head_sizes=tuple(self.layout.head_out_features(h) for h in config.delta_heads),
         )
         width, d = settings.width, self.layout.hidden_size
         out_features = sum(self.layout.head_out_features(h) for h in settings.delta_heads)
@@ -129,6 +145,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.delta_mem_out[adapter_name] = nn.Linear(width, out_features, bias=False)
         self.settings[adapter_name] = settings
         self.runtime.configs[adapter_name] = config
+        self.runtime.changed()
+        self._hook_projections(settings)
         self.reset_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -211,24 +229,43 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         # Nothing can be merged (merge() refuses), so there is never anything to unmerge; warn as LoRA does.
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
+    def _hook_projections(self, settings: AdapterSettings) -> None:
+        """A forward hook on each projection that one of the adapter's Δ heads corrects (no hook, no cost, on the
+        others); the hook adds the running call's correction for its slot."""
+        fused = "qkv" in self.layout.projections
+        slots = {"qkv" if fused and head in "qkv" else head for head in settings.delta_heads}
+        for slot in sorted(slots - self._hooked):
+            child = getattr(self.base_layer, self.layout.projections[slot])
+            child.register_forward_hook(functools.partial(self._add_correction, slot))
+            self._hooked.add(slot)
+
     def remove_projection_hooks(self) -> None:
         for child_name in self.layout.projections.values():
             hooks = getattr(self.base_layer, child_name)._forward_hooks
             for key, hook in list(hooks.items()):
                 if isinstance(hook, functools.partial) and getattr(hook.func, "__self__", None) is self:
                     del hooks[key]
+        self._hooked.clear()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.settings.pop(adapter_name, None)
+        self.runtime.changed()
 
     # ---------------------------------------------------------------------------------------- forward
 
     def forward(self, *args, **kwargs):
+        # The per-token path of decoding: module dicts are read directly (not through nn.Module.__getattr__) and
+        # per-call values come from the call record, so a step costs the memory's few tensor ops, not Python.
         record: CallRecord | None = kwargs.pop(CALL_KWARG, None)
-        adapters = [a for a in self.active_adapters if a in self.delta_mem_write]
-        if self.disable_adapters or not adapters:
-            return self.base_layer(*args, **kwargs)
+        base_layer = self._modules["base_layer"]
+        if self._disable_adapters:
+            return base_layer(*args, **kwargs)
+        active = self._active_adapter
+        writes = self._modules["delta_mem_write"]._modules
+        adapters = [a for a in ((active,) if isinstance(active, str) else active) if a in writes]
+        if not adapters:
+            return base_layer(*args, **kwargs)
         record = record or self.runtime.current_record()
         if record is None:
             raise RuntimeError(
@@ -236,15 +273,19 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 "(or the model returned by get_peft_model / load_adapter) rather than an inner submodule."
             )
         hidden = args[0] if args else kwargs["hidden_states"]
-        corrections: dict[str, torch.Tensor] = {}
+        corrections: dict[str, tuple[torch.Tensor, float]] = {}
         for adapter in adapters:
-            for slot, value in self._corrections_for(adapter, hidden, record).items():
-                corrections[slot] = corrections[slot] + value if slot in corrections else value
+            for slot, (value, scale) in self._corrections_for(adapter, hidden, record).items():
+                if slot in corrections:  # several active adapters: their scaled corrections add up
+                    total, total_scale = corrections[slot]
+                    corrections[slot] = (total * total_scale + value * scale, 1.0)
+                else:
+                    corrections[slot] = (value, scale)
         thread = _thread_key()
         outer = self._corrections.get(thread)
         self._corrections[thread] = corrections
         try:
-            return self.base_layer(*args, **kwargs)
+            return base_layer(*args, **kwargs)
         finally:
             if outer is None:
                 self._corrections.pop(thread, None)
@@ -255,26 +296,33 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         corrections = self._corrections.get(_thread_key())
         if corrections is None or slot not in corrections:
             return output
-        return output + corrections[slot].to(output.dtype)
+        value, scale = corrections[slot]
+        if value.dtype != output.dtype:
+            value = value.to(output.dtype)
+        return output.add(value, alpha=scale)
 
-    def _corrections_for(self, adapter: str, hidden: torch.Tensor, record: CallRecord) -> dict[str, torch.Tensor]:
+    def _corrections_for(
+        self, adapter: str, hidden: torch.Tensor, record: CallRecord
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """Each corrected slot's unscaled correction and its scale (the hook adds ``scale * correction``)."""
         settings = self.settings[adapter]
-        write = self.delta_mem_write[adapter]
+        write = self._modules["delta_mem_write"]._modules[adapter]
+        out_proj = self._modules["delta_mem_out"]._modules[adapter]
         dtype = write.weight.dtype
-        x = hidden.to(dtype)
+        x = hidden if hidden.dtype == dtype else hidden.to(dtype)
         batch, length, _ = x.shape
         valid = record.token_mask(batch, length, x.device)
         state = self._input_state(adapter, record, batch, x.device)
-        # Call the module (not its .weight) so sharding wrappers (FSDP, ZeRO-3) gather the weights.
-        projected = write(x)
+        projected = _linear(write, x)
         key = (self.layer_name, adapter)
         if length == 1 and self._takes_token_step(settings, record):
-            write_mask = self._write_mask(valid, record, batch, 1)
-            read, final = ops.fused_token_step(projected, self.delta_mem_beta_bias[adapter], state, write_mask)
+            write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
+            beta_bias = self._modules["delta_mem_beta_bias"]._parameters[adapter]
+            read, final = ops.fused_token_step(projected, beta_bias, state, write_mask)
             record.final_states[key] = final if record.keep_graph else final.detach()
             if valid is not None:
                 read = read * valid.view(batch, 1, 1)
-            out = self.delta_mem_out[adapter](read.to(dtype)) * settings.scaling
+            out = _linear(out_proj, read if read.dtype == dtype else read.to(dtype))
             return self._split_heads(out, settings)
         if settings.write_granularity == "segment":
             reads, final = self._segment_scan(adapter, x, projected, state, valid, record)
@@ -284,19 +332,12 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         if valid is not None:
             reads = reads * valid[:, None, :, None]
         reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(dtype)
-        out = self.delta_mem_out[adapter](reads) * settings.scaling
-        return self._split_heads(out, settings)
+        return self._split_heads(_linear(out_proj, reads), settings)
 
     @staticmethod
     def _takes_token_step(settings: AdapterSettings, record: CallRecord) -> bool:
         """A decoding step that the fused per-token function computes exactly (see ops.fused_token_step)."""
-        return (
-            settings.write_granularity == "token"
-            and record.writes
-            and not record.track_steps
-            and record.write_gate_stats is None
-            and ops.token_step_enabled()
-        )
+        return settings.write_granularity == "token" and record.takes_token_step()
 
     def _input_state(self, adapter: str, record: CallRecord, batch: int, device: torch.device) -> torch.Tensor:
         # Recorded once per call, so a recomputed (checkpointed) layer reads the same state.
@@ -393,7 +434,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         pooled = sums[:, :length] / counts[:, :length].clamp(min=1)
         segment_valid = counts[:, :length, 0] > 0
 
-        pooled_projection = self.delta_mem_write[adapter](pooled)
+        pooled_projection = _linear(self.delta_mem_write[adapter], pooled)
         _, k, v, gate = (self._heads(p, settings) for p in pooled_projection.split(width, dim=-1))
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
@@ -409,18 +450,21 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         before = states.gather(2, index)
         return torch.einsum("bhtij,bhtj->bhti", before, q.float()), final
 
-    def _split_heads(self, out: torch.Tensor, settings: AdapterSettings) -> dict[str, torch.Tensor]:
-        sizes = [self.layout.head_out_features(h) for h in settings.delta_heads]
-        per_head = dict(zip(settings.delta_heads, out.split(sizes, dim=-1)))
+    def _split_heads(self, out: torch.Tensor, settings: AdapterSettings) -> dict[str, tuple[torch.Tensor, float]]:
+        """``{slot: (correction, scaling)}`` from the stacked Δ-head output (one slot per projection)."""
+        scale = settings.scaling
+        if len(settings.delta_heads) == 1 and "qkv" not in self.layout.projections:
+            return {settings.delta_heads[0]: (out, scale)}
+        per_head = dict(zip(settings.delta_heads, out.split(settings.head_sizes, dim=-1)))
         if "qkv" not in self.layout.projections:
-            return per_head
-        corrections = {"o": per_head["o"]} if "o" in per_head else {}
+            return {head: (value, scale) for head, value in per_head.items()}
+        corrections = {"o": (per_head["o"], scale)} if "o" in per_head else {}
         if any(h in per_head for h in "qkv"):
             parts = [
                 per_head[h] if h in per_head else out.new_zeros(*out.shape[:-1], size)
                 for h, size in zip("qkv", self.layout.fused_sizes)
             ]
-            corrections["qkv"] = torch.cat(parts, dim=-1)
+            corrections["qkv"] = (torch.cat(parts, dim=-1), scale)
         return corrections
 
 

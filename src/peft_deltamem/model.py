@@ -211,7 +211,7 @@ class DeltaMemModel(BaseTuner):
         setattr(parent, child_name, new_module)
         if isinstance(child, DeltaMemLayer):  # unloading
             child.remove_projection_hooks()
-            child.runtime.layers.pop(child.layer_name, None)
+            child.runtime.unregister_layer(child.layer_name)
 
     def _unload_and_optionally_merge(
         self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None

@@ -12,6 +12,7 @@ finiteness check. Nothing of a call is kept in the model: the record lives only 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops
 from .state import DeltaMemory, all_finite
 
 CALL_KWARG = "delta_mem_call"
@@ -51,18 +53,41 @@ class CallRecord:
     final_states: dict = field(default_factory=dict)  # (layer, adapter) -> state after the call
     step_states: dict = field(default_factory=dict)  # (layer, adapter) -> states before each token (track_steps)
     previous: CallRecord | None = None  # the thread's record before this call (nested calls)
+    weights_hash: str | None = None  # fingerprint of the adapter weights, taken once when the memory is checked
+    masks: dict = field(default_factory=dict)  # (batch, length, device) -> token_mask, computed once per call
+    _token_step: bool | None = None
+
+    def takes_token_step(self) -> bool:
+        """Whether this call's single-token steps can take the fused step (token-write layers; see
+        ops.fused_token_step): it writes, keeps no per-token states or gate statistics, and the default scan
+        implementation allows it. Decided once per call."""
+        if self._token_step is None:
+            self._token_step = (
+                self.writes and not self.track_steps and self.write_gate_stats is None and ops.token_step_enabled()
+            )
+        return self._token_step
 
     def token_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
-        """Bool (batch, length) mask of real tokens for the last ``length`` positions, or None (all real)."""
+        """Bool (batch, length) mask of real tokens for the last ``length`` positions, or None (all real).
+
+        Computed once per call (every layer asks the same); a CPU mask whose positions are all real gives None, so
+        the layers skip the masking ops (on an accelerator that check would wait for the device: the mask stays)."""
         mask = self.attention_mask
         if mask is None:
             return None
+        key = (batch, length, device)
+        if key in self.masks:
+            return self.masks[key]
         if mask.shape[0] != batch or mask.shape[1] < length:
             raise ValueError(
                 f"attention_mask has shape {tuple(mask.shape)} but the attention block sees batch {batch} and "
                 f"{length} new tokens; pass the 2-D attention_mask of the whole sequence."
             )
-        return mask[:, -length:].to(device=device, dtype=torch.bool)
+        valid = mask[:, -length:].to(device=device, dtype=torch.bool)
+        if valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all()):
+            valid = None
+        self.masks[key] = valid
+        return valid
 
     def tail(self, tensor: torch.Tensor | None, batch: int, length: int, name: str) -> torch.Tensor | None:
         if tensor is None:
@@ -99,6 +124,19 @@ class MemoryRuntime:
         self._local = threading.local()
         self._fingerprint_lock = threading.Lock()
         self._fingerprints: dict[str, tuple] = {}
+        self._described: dict[str, tuple[list, dict]] = {}  # adapter -> (its layers, describe()), until changed()
+
+    def register_layer(self, name: str, layer) -> None:
+        self.layers[name] = layer
+        self.changed()
+
+    def unregister_layer(self, name: str) -> None:
+        self.layers.pop(name, None)
+        self.changed()
+
+    def changed(self) -> None:
+        """The layers or their adapters changed (added, updated, deleted): forget what was derived from them."""
+        self._described.clear()
 
     def __deepcopy__(self, memo):
         clone = MemoryRuntime()
@@ -135,7 +173,28 @@ class MemoryRuntime:
     # ------------------------------------------------------------------------------------- adapters
 
     def adapter_layers(self, adapter: str) -> list:
-        return [layer for layer in self.layers.values() if adapter in layer.settings]
+        return list(self._adapter_info(adapter)[0])
+
+    def _adapter_info(self, adapter: str) -> tuple[list, dict | None]:
+        """The adapter's layers and description, derived once per change of the layers (calls ask every time)."""
+        info = self._described.get(adapter)
+        if info is None:
+            layers = [layer for layer in self.layers.values() if adapter in layer.settings]
+            description = None
+            if layers:
+                settings = layers[0].settings[adapter]
+                description = {
+                    "adapter_name": adapter,
+                    "r": settings.r,
+                    "num_state_heads": settings.num_state_heads,
+                    "delta_heads": tuple(settings.delta_heads),
+                    "write_granularity": settings.write_granularity,
+                    "hidden_size": layers[0].layout.hidden_size,
+                    "layers": tuple(layer.layer_name for layer in layers),
+                    "config_hash": settings.config_hash,
+                }
+            info = self._described[adapter] = (layers, description)
+        return info
 
     def active_adapters(self) -> list[str]:
         """Adapters that run in a call now (empty when adapters are disabled)."""
@@ -146,25 +205,15 @@ class MemoryRuntime:
         return []
 
     def describe(self, adapter: str) -> dict:
-        layers = self.adapter_layers(adapter)
-        if not layers:
+        description = self._adapter_info(adapter)[1]
+        if description is None:
             raise ValueError(f"No δ-mem layer has adapter {adapter!r}.")
-        settings = layers[0].settings[adapter]
-        return {
-            "adapter_name": adapter,
-            "r": settings.r,
-            "num_state_heads": settings.num_state_heads,
-            "delta_heads": tuple(settings.delta_heads),
-            "write_granularity": settings.write_granularity,
-            "hidden_size": layers[0].layout.hidden_size,
-            "layers": tuple(layer.layer_name for layer in layers),
-            "config_hash": settings.config_hash,
-        }
+        return dict(description)
 
     def weights_fingerprint(self, adapter: str) -> str:
         """A hash of the adapter's weights; recomputed only after a weight changed (tensor version counters)."""
         # Called after every call that writes (decoding: every token), so the unchanged case is kept cheap.
-        params = [p for layer in self.adapter_layers(adapter) for p in layer.fingerprint_tensors(adapter)]
+        params = [p for layer in self._adapter_info(adapter)[0] for p in layer.fingerprint_tensors(adapter)]
         key = tuple((id(p), p.data_ptr(), p._version, p.shape) for p in params)
         with self._fingerprint_lock:
             cached = self._fingerprints.get(adapter)
@@ -193,8 +242,9 @@ class MemoryRuntime:
                 states[layer.layer_name] = torch.zeros(batch_size, s.num_state_heads, s.r, s.r, device=device)
         return DeltaMemory(**description, weights_hash=self.weights_fingerprint(adapter), states=states)
 
-    def check_memory(self, memory: DeltaMemory) -> None:
-        """Refuse a memory that another adapter, configuration or set of weights wrote."""
+    def check_memory(self, memory: DeltaMemory) -> str:
+        """Refuse a memory that another adapter, configuration or set of weights wrote; returns the fingerprint of
+        the adapter's weights now."""
         if not isinstance(memory, DeltaMemory):
             raise TypeError(
                 f"memory must be a peft_deltamem.DeltaMemory (from model.new_memory(batch_size)), got "
@@ -205,7 +255,7 @@ class MemoryRuntime:
                 f"This memory belongs to adapter {memory.adapter_name!r}, which this model does not have "
                 f"(adapters: {sorted(self.configs)})."
             )
-        expected = self.describe(memory.adapter_name)
+        expected = self._adapter_info(memory.adapter_name)[1] or {}
         for name, value in expected.items():
             if getattr(memory, name) != value:
                 raise ValueError(
@@ -223,6 +273,7 @@ class MemoryRuntime:
                 f"{memory.weights_hash}, the model has {current}); its states would not mean the same here. Use "
                 "the memory with the model (and adapter weights) that wrote it, or start from model.new_memory()."
             )
+        return current
 
     # ------------------------------------------------------------------------------------------ calls
 
@@ -295,7 +346,7 @@ class MemoryRuntime:
         return record
 
     def _attach_memory(self, record: CallRecord, memory, adapters: list[str], kwargs: dict) -> None:
-        self.check_memory(memory)
+        record.weights_hash = self.check_memory(memory)
         if adapters and memory.adapter_name not in adapters:
             raise ValueError(
                 f"This memory belongs to adapter {memory.adapter_name!r} but the active adapter is {adapters}; "
@@ -364,13 +415,15 @@ class MemoryRuntime:
                 )
             output = _add_loss_terms(output, record.loss_terms, kwargs)
         if record.memory is not None:
-            self.commit(record.memory, record.memory_version, record.final_states)
+            self.commit(record.memory, record.memory_version, record.final_states, record.weights_hash)
         elif record.generation is not None:
             record.generation.after_call(record)
         return output
 
-    def commit(self, memory: DeltaMemory, version: int, final_states: dict) -> None:
-        """Check the new states (one fused finiteness check) and swap them into ``memory`` all at once."""
+    def commit(self, memory: DeltaMemory, version: int, final_states: dict, weights_hash: str | None = None) -> None:
+        """Check the new states (one fused finiteness check) and swap them into ``memory`` all at once.
+
+        ``weights_hash``: the weights' fingerprint taken when the call began (default: computed now)."""
         new = {layer: t for (layer, adapter), t in final_states.items() if adapter == memory.adapter_name}
         if not new:
             return  # adapters disabled: nothing was read or written
@@ -380,7 +433,7 @@ class MemoryRuntime:
                 "The memory was left unchanged."
             )
         new = {layer: _standard_layout(_plain(t.detach())) for layer, t in new.items()}
-        memory._commit(new, version, self.weights_fingerprint(memory.adapter_name))
+        memory._commit(new, version, weights_hash or self.weights_fingerprint(memory.adapter_name))
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -394,13 +447,18 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 def _standard_layout(tensor: torch.Tensor) -> torch.Tensor:
     """The state with row-major strides. A scan's final state can be a view with other strides (a slice of the
     per-chunk states); one layout keeps a compiled model from compiling a variant for each."""
-    expected, step = [], 1
-    for size in reversed(tensor.shape):
-        expected.append(step)
-        step *= size
-    if tensor.stride() == tuple(reversed(expected)):
+    if tensor.stride() == _row_major(tuple(tensor.shape)):
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _call_batch(kwargs: dict) -> int | None:
