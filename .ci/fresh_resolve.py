@@ -2,12 +2,14 @@
 
 CI reuses the packages already installed on its machine; a newcomer's `pip install` resolves afresh. This asks pip
 what a fresh resolve of `torch==2.13.0 -e ".[test]"` would install (a dry run that ignores what is installed) and
-compares the packages whose versions decide whether the tests pass.
+compares the packages whose versions decide whether the tests pass; then checks that the README's "Tested versions"
+states the same versions.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,8 +32,29 @@ def fresh_versions(root: Path) -> dict[str, str]:
     return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installs}
 
 
+def readme_versions(readme: str) -> dict[str, str]:
+    """``{package: version}`` as the README's "**Tested versions**" paragraph states them ("torch 2.13.0 (CPU)")."""
+    start = readme.index("**Tested versions**")
+    paragraph = readme[start : readme.find("\n\n", start)]
+    return {name.lower(): version for name, version in re.findall(r"([A-Za-z][\w-]*) (\d+\.\d+(?:\.\d+)?)", paragraph)}
+
+
+def readme_drift(readme: str, fresh: dict[str, str]) -> list[str]:
+    """The packages whose version the README states otherwise than a fresh install gets (and checked ones it omits)."""
+    stated = readme_versions(readme)
+    drift = [
+        f"  {name}: the README says {version}, a fresh install gets {fresh[name]}"
+        for name, version in stated.items()
+        if name in fresh and fresh[name] != version
+    ]
+    drift += [f"  {name}: the README does not state it (a fresh install gets {fresh.get(name)})"
+              for name in CHECKED if name not in stated]  # fmt: skip
+    return drift
+
+
 def main() -> int:
-    fresh = fresh_versions(Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    fresh = fresh_versions(root)
     drift = []
     for name in CHECKED:
         try:
@@ -46,6 +69,12 @@ def main() -> int:
         print("Install those versions here and run the tests, or narrow the ranges in setup.cfg.")
         return 1
     print("fresh resolve matches the installed versions: " + ", ".join(f"{n} {fresh[n]}" for n in CHECKED))
+    stale = readme_drift((root / "README.md").read_text(encoding="utf-8"), fresh)
+    if stale:
+        print("README.md's 'Tested versions' does not match a fresh install:")
+        print("\n".join(stale))
+        return 1
+    print("README.md's 'Tested versions' matches the fresh resolve")
     return 0
 
 

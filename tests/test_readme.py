@@ -19,3 +19,24 @@ def test_quickstart_runs_as_written_and_the_memory_changes_the_answer(tmp_path, 
     assert tok.decode(namespace["no_memory"][0, -1]) != "teal"  # without the memory the fact is gone
     assert Path(namespace["path"]).is_file() and not (tmp_path / "session.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_output"]  # the quickstart writes nothing here
+
+
+def test_ci_checks_the_readme_tested_versions_against_a_fresh_install():
+    """.ci/fresh_resolve.py fails CI when the README's 'Tested versions' states another version than a fresh
+    install gets (here with a made-up fresh resolve; CI asks pip for the real one)."""
+    import importlib.util
+
+    path = README.parent / ".ci" / "fresh_resolve.py"
+    spec = importlib.util.spec_from_file_location("fresh_resolve", path)
+    fresh_resolve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh_resolve)
+    text = README.read_text()
+    stated = fresh_resolve.readme_versions(text)
+    assert set(fresh_resolve.CHECKED) <= set(stated)
+    assert fresh_resolve.readme_drift(text, dict(stated)) == []
+    newer = {**stated, "accelerate": "9.9.9"}
+    assert fresh_resolve.readme_drift(text, newer) == [
+        f"  accelerate: the README says {stated['accelerate']}, a fresh install gets 9.9.9"
+    ]
+    without_trl = text.replace(f"trl {stated['trl']}", "trl")
+    assert any("trl: the README does not state it" in line for line in fresh_resolve.readme_drift(without_trl, stated))

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import inspect
 import threading
-from dataclasses import dataclass, field
 
 import torch
 
@@ -32,30 +31,52 @@ WRITE_MASK_KWARG = "memory_write_mask"
 Key = tuple  # (layer name, adapter name)
 
 
-@dataclass(eq=False)
 class CallRecord:
-    """Everything the layers need about one top-level forward call, and what they produced."""
+    """Everything the layers need about one top-level forward call, and what they produced.
 
-    attention_mask: torch.Tensor | None  # 2-D (batch, total length) or None: every token valid
-    segment_ids: torch.Tensor | None  # 2-D (batch, length) for segment writes
-    write_mask: torch.Tensor | None  # 2-D (batch, length) user write control
-    writes: bool  # False: nothing of this call is written
-    initial: dict = field(default_factory=dict)  # (layer, adapter) -> state the call starts from (absent: empty)
-    keep_graph: bool = False  # True: keep the autograd graph of the final state (the write half of an episode)
-    track_steps: bool = False  # True: keep the state before every token (assisted decoding rolls back)
-    write_gate_stats: list | None = None  # where layers report their mean write gate, when tracked
-    memory: DeltaMemory | None = None  # the caller's memory, committed when the call completes
-    memory_version: int = 0
-    generation: object | None = None  # the generate() call this forward belongs to
-    past_length: int = 0  # tokens already in the KV cache when this call started (generation)
-    loss_terms: list = field(default_factory=list)  # added to this call's loss (write-sparsity penalty)
-    input_states: dict = field(default_factory=dict)  # (layer, adapter) -> state read by the call
-    final_states: dict = field(default_factory=dict)  # (layer, adapter) -> state after the call
-    step_states: dict = field(default_factory=dict)  # (layer, adapter) -> states before each token (track_steps)
-    previous: CallRecord | None = None  # the thread's record before this call (nested calls)
-    weights_hash: str | None = None  # fingerprint of the adapter weights, taken once when the memory is checked
-    masks: dict = field(default_factory=dict)  # (batch, length, device) -> token_mask, computed once per call
-    _token_step: bool | None = None
+    A plain class, not a dataclass or a container: wrappers that rebuild the containers in a module's keywords
+    (FSDP2 rebuilds dataclasses, dicts and lists holding tensors that need gradients, to hook its backward) must
+    pass the record through as it is, since the layers write their final states into it for the caller.
+    """
+
+    __slots__ = (
+        "attention_mask", "segment_ids", "write_mask", "writes", "initial", "keep_graph", "track_steps",
+        "write_gate_stats", "memory", "memory_version", "generation", "past_length", "loss_terms", "input_states",
+        "final_states", "step_states", "previous", "weights_hash", "masks", "_token_step",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        attention_mask: torch.Tensor | None,  # 2-D (batch, total length) or None: every token valid
+        segment_ids: torch.Tensor | None,  # 2-D (batch, length) for segment writes
+        write_mask: torch.Tensor | None,  # 2-D (batch, length) user write control
+        writes: bool,  # False: nothing of this call is written
+        keep_graph: bool = False,  # True: keep the autograd graph of the final state (the write half of an episode)
+        track_steps: bool = False,  # True: keep the state before every token (assisted decoding rolls back)
+        write_gate_stats: list | None = None,  # where layers report their mean write gate, when tracked
+        memory: DeltaMemory | None = None,  # the caller's memory, committed when the call completes
+        memory_version: int = 0,  # the memory's version when the call read it
+    ) -> None:
+        self.attention_mask = attention_mask
+        self.segment_ids = segment_ids
+        self.write_mask = write_mask
+        self.writes = writes
+        self.keep_graph = keep_graph
+        self.track_steps = track_steps
+        self.write_gate_stats = write_gate_stats
+        self.initial: dict = {}  # (layer, adapter) -> state the call starts from (absent: empty)
+        self.memory = memory
+        self.memory_version = memory_version
+        self.generation = None  # the generate() call this forward belongs to
+        self.past_length = 0  # tokens already in the KV cache when this call started (generation)
+        self.loss_terms: list = []  # added to this call's loss (write-sparsity penalty)
+        self.input_states: dict = {}  # (layer, adapter) -> state read by the call
+        self.final_states: dict = {}  # (layer, adapter) -> state after the call
+        self.step_states: dict = {}  # (layer, adapter) -> states before each token (track_steps)
+        self.previous: CallRecord | None = None  # the thread's record before this call (nested calls)
+        self.weights_hash: str | None = None  # fingerprint of the adapter weights, taken once by the memory check
+        self.masks: dict = {}  # (batch, length, device) -> token_mask, computed once per call
+        self._token_step: bool | None = None
 
     def takes_token_step(self) -> bool:
         """Whether this call's single-token steps can take the fused step (token-write layers; see
