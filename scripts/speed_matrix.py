@@ -8,6 +8,8 @@ count) and measures, on one model, interleaved repetitions of
 - decode: the per-token median of ``tokens`` single-token steps after that prefill;
 - loop (eager only): the same decode as a hand-written loop writes it, a ``DynamicCache`` and only
   ``input_ids``, ``past_key_values`` and (δ-mem) ``memory=`` passed each step, as the docs show the memory;
+- generate (eager only): ``generate(prompt, memory=...)`` of ``tokens + 1`` greedy tokens minus that of one token,
+  per token (transformers' own loop, its per-step work included for both models);
 
 for the frozen model (plain transformers model, no PEFT wrapper) and the δ-mem model, eager and
 ``torch.compile``d (the model's ``forward``, static cache, as transformers' generate compiles it). The δ-mem
@@ -129,6 +131,18 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
 
         return run
 
+    def generate(model):
+        def run() -> float:
+            times = []
+            for new in (1, n["tokens"] + 1):
+                kw = memory(model)
+                start = time.perf_counter()
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+                times.append(time.perf_counter() - start)
+            return (times[1] - times[0]) / n["tokens"]
+
+        return run
+
     def measure(make) -> dict:
         # two warm-ups: compiled, the first call of a workload compiles it and the second its cache-filled variant
         r = interleaved(make(frozen), make(inner), n["reps"], warmup=2)
@@ -144,6 +158,7 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
             cell = {"prefill": measure(prefill), "decode": measure(decode)}
             if mode == "eager":
                 cell["loop"] = measure(loop)
+                cell["generate"] = measure(generate)
             if mode == "compiled":
                 cell["compile_and_measure_s"] = time.perf_counter() - start
             out[mode] = cell
@@ -185,7 +200,7 @@ def run_matrix(script: str, models: list[str], quick: bool) -> dict:
                     f"{mode} {kind} {row[mode][kind]['ratio']:.3f}x"
                     for mode in ("eager", "compiled")
                     if mode in row
-                    for kind in ("prefill", "decode", "loop")
+                    for kind in ("prefill", "decode", "loop", "generate")
                     if kind in row[mode]
                 ),
                 flush=True,
@@ -213,8 +228,8 @@ def render(matrix: dict) -> list[str]:
         "δ-mem model's call hooks (memory bookkeeping, one finiteness check per call) stay eager.",
         "",
         "| model | threads | prefill eager | prefill compiled | decode eager | decode compiled | "
-        "decode, hand-written loop | frozen decode eager / compiled |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "decode, hand-written loop | decode, generate() | frozen decode eager / compiled |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def cell(c, mode, kind, field="ratio", unit="×", digits=3):
@@ -225,6 +240,7 @@ def render(matrix: dict) -> list[str]:
         lines.append(
             f"| {c['model']} | {threads} | {cell(c, 'eager', 'prefill')} | {cell(c, 'compiled', 'prefill')} | "
             f"{cell(c, 'eager', 'decode')} | {cell(c, 'compiled', 'decode')} | {cell(c, 'eager', 'loop')} | "
+            f"{cell(c, 'eager', 'generate')} | "
             f"{cell(c, 'eager', 'decode', 'frozen_ms', '', 2)} / "
             f"{cell(c, 'compiled', 'decode', 'frozen_ms', '', 2)} ms |"
         )
