@@ -1,6 +1,6 @@
 """Train a δ-mem adapter on SmolLM2-135M-Instruct to recall facts it never saw in training, and measure it.
 
-Episodes come from the open-facts generator (peft_deltamem.eval.open_facts): multi-session chats whose values and
+Episodes come from the open-facts generator (benchmarks/open_facts.py): multi-session chats whose values and
 fact kinds are disjoint between train, val and test. Every episode is laid out exactly as the chat engine serves
 it with a window of two messages (peft_deltamem.agents.session.plan_turn): the messages that left the window are
 written into memory one call per message, the visible prompt is the last two messages. Three terms:
@@ -11,6 +11,9 @@ written into memory one call per message, the visible prompt is the last two mes
   frozen model (adapter off, same prompt) at the reply's positions;
 - no harm, unrelated memory: a general prompt (arithmetic, word tasks, small talk) read with the episode's memory;
   KL from the frozen model on the frozen model's own greedy reply.
+
+With ``--retrieval-steps N`` (and ``--value-init``) the memory's retrieval (W_mq, W_mk, W_β) is first trained alone,
+the value path frozen, on whether the read at the answer position names the value (retrieval_pretrain).
 
 Training is from cached hidden states of the frozen layers below the first adapted one (computed once per episode,
 their time counted as training time), grouping each batch by the number of messages written. The validation curve
@@ -48,6 +51,11 @@ def main(argv=None):
         help="> 0: fit W_mv / Δ_o on the pool so that a read of a written message raises its words' logits (scale)",
     )
     parser.add_argument("--shared-qk", action="store_true", help="start W_mk = W_mq")
+    parser.add_argument(
+        "--retrieval-steps", type=int, default=0,
+        help="> 0: first train the retrieval alone (W_mq, W_mk, W_beta; needs --value-init) this many steps",
+    )  # fmt: skip
+    parser.add_argument("--retrieval-lr", type=float, default=3e-3)
     parser.add_argument("--value-weight", type=float, default=1.0, help="loss weight of the value's tokens in replies")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=20)
@@ -178,6 +186,12 @@ def main(argv=None):
         )
         history["value_init"] = fit
         print(f"value path: {fit}", flush=True)
+    if args.retrieval_steps:
+        if not args.value_init:
+            parser.error("--retrieval-steps trains the retrieval against the fitted value path: pass --value-init")
+        args._shape = shape
+        retrieval_pretrain(model, tok, open_facts, pool, rows, hidden, episodes, args, history)
+        del args._shape
     cache_seconds = time.perf_counter() - t_start
     history["pool"] = {"episodes": len(pool), "rows": len(rows), "tokens": sum(map(len, rows)),
                        "seconds": cache_seconds, "general_prompts": len(general)}  # fmt: skip
@@ -411,6 +425,186 @@ def value_path_init(model, tok, hidden, rows, scale, segment, shared_qk, seed, s
     return report
 
 
+def attention_inputs(model, hidden, indices, batch_size: int = 64) -> dict:
+    """Each adapted layer's attention input (what its memory projections read) for the rows ``indices`` of the
+    cached states ``hidden``, with the adapters off: ``{layer name: [(length, d) per row]}``."""
+    import torch
+
+    from peft_deltamem.layer import DeltaMemLayer
+    from peft_deltamem.training.frozen_prefix import first_adapted_layer, only_layers, pad_rows
+
+    base = model.get_base_model()
+    start = first_adapted_layer(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeltaMemLayer)}
+    captured, hooks = {}, []
+    for name, layer in layers.items():
+        q_proj = next(m for n, m in layer.named_modules() if n.endswith("q_proj"))
+        hooks.append(q_proj.register_forward_hook(lambda m, i, o, key=name: captured.setdefault(key, []).append(i[0])))
+    out = {name: [] for name in layers}
+    try:
+        with torch.no_grad(), model.disable_adapter(), only_layers(model, start):
+            for b in range(0, len(indices), batch_size):
+                chunk = indices[b : b + batch_size]
+                x, mask = pad_rows([hidden[i] for i in chunk])
+                captured.clear()
+                base(inputs_embeds=x, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                for name in layers:
+                    out[name].extend(captured[name][0][j, : len(hidden[i])].clone() for j, i in enumerate(chunk))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, layers
+
+
+def value_position(tok, answer: list[int], value: str) -> int | None:
+    """Index in ``answer`` of the value's first token (None when the value's tokens are not found)."""
+    for text in (" " + value, value):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for s in range(len(answer) - len(ids), -1, -1):
+            if answer[s : s + len(ids)] == ids:
+                return s
+    return None
+
+
+def retrieval_pretrain(model, tok, open_facts, pool, rows, hidden, episodes, args, history) -> None:
+    """Train the memory's retrieval alone before the reply loss: W_mq, W_mk, W_β and b_β, with the value path
+    (W_mv, Δ_o, fitted by --value-init) frozen.
+
+    For each episode with a told answer, the memory is written from the frozen layers' attention inputs of its
+    messages (token or segment writes, as the layers do), then read at the reply position that must name the
+    value. The read goes through the frozen Δ_o and the tied unembedding (times the final norm's weight), and a
+    sampled softmax (the answer's first value token against every token written in the batch and 2,048 random
+    ones) asks it to name the value. Val episodes (unseen values and kinds) are measured the same way over the
+    full vocabulary, before and after: the share whose read names the value's first token top-1.
+    """
+    import random
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from peft_deltamem import ops
+    from peft_deltamem.agents.session import SessionPolicy, plan_turn
+    from peft_deltamem.padding import pad_rows
+    from peft_deltamem.training.episodes import tokenize_prompt_and_answer
+    from peft_deltamem.training.frozen_prefix import frozen_hidden
+
+    t0 = time.perf_counter()
+    segment = args.granularity == "segment"
+
+    def targets_of(items, eps, row_list):
+        out = []
+        for item, e in zip(items, eps):
+            if e.value is None:
+                continue
+            row, answer, _ = item["recall"][0]
+            s = value_position(tok, answer, e.value)
+            if s is None:
+                continue
+            out.append({"writes": item["writes"], "row": row,
+                        "position": len(row_list[row]) - len(answer) + s - 1, "target": answer[s]})  # fmt: skip
+        return out
+
+    train = targets_of(pool, episodes, rows)
+    # val episodes laid out as in training (window of two messages)
+    val_eps = open_facts.generate_episodes("val", 96, getattr(args, "_shape", None), seed=args.seed)
+    val_rows, val_items = [], []
+    for e in val_eps:
+        plan = plan_turn([], 0, e.messages, tok, SessionPolicy(window=2))
+        prompt, answer = tokenize_prompt_and_answer(e.messages[-2:], {"role": "assistant", "content": e.reply}, tok)
+        item = {"writes": list(range(len(val_rows), len(val_rows) + len(plan.writes)))}
+        val_rows.extend(plan.writes)
+        item["recall"] = [(len(val_rows), answer, None)]
+        val_rows.append(prompt + answer)
+        val_items.append(item)
+    val = targets_of(val_items, val_eps, val_rows)
+    val_hidden = frozen_hidden(model, val_rows, tok.pad_token_id)
+    needed = sorted({i for t in train for i in t["writes"] + [t["row"]]})
+    xs, layers = attention_inputs(model, hidden, needed)
+    xs = {name: dict(zip(needed, v)) for name, v in xs.items()}
+    val_needed = sorted({i for t in val for i in t["writes"] + [t["row"]]})
+    vxs, _ = attention_inputs(model, val_hidden, val_needed)
+    vxs = {name: dict(zip(val_needed, v)) for name, v in vxs.items()}
+    base = model.get_base_model()
+    E = base.get_output_embeddings().weight.detach()
+    W = E * base.get_decoder().norm.weight.detach()
+    adapter = next(iter(next(iter(layers.values())).settings))
+    temperature = torch.nn.Parameter(torch.tensor(10.0))
+
+    def reads(batch, x_of, grad=True):
+        """The summed Δ_o correction at each batch item's answer position, (B, d)."""
+        total = 0
+        for name, layer in layers.items():
+            s = layer.settings[adapter]
+            w, heads, r = s.width, s.num_state_heads, s.r
+            weight = layer.delta_mem_write[adapter].weight
+            bias = layer.delta_mem_beta_bias[adapter]
+            if segment:
+                per = [torch.stack([x_of[name][i].mean(0) for i in t["writes"]]) for t in batch]
+            else:
+                per = [torch.cat([x_of[name][i] for i in t["writes"]]) for t in batch]
+            x, mask = pad_rows(per)
+            proj = x @ weight.T
+
+            k, v, gate = (p.view(*p.shape[:2], heads, r).transpose(1, 2) for p in proj[..., w:].split(w, dim=-1))
+            k = F.normalize(torch.tanh(k), dim=-1)
+            v = v.detach()
+            beta = torch.sigmoid(gate + bias.view(heads, 1, r))
+            zeros = x.new_zeros(len(batch), heads, r, r)
+            _, state = ops.delta_rule(k, k, v, beta, zeros, mask.bool())
+            xq = torch.stack([x_of[name][t["row"]][t["position"]] for t in batch])
+            q = F.normalize(torch.tanh((xq @ weight[:w].T).view(-1, heads, r)), dim=-1)
+            read = torch.einsum("bhij,bhj->bhi", state, q).reshape(len(batch), w)
+            o_rows = layer.layout.head_out_features("o")
+            total = total + read @ layer.delta_mem_out[adapter].weight[-o_rows:].detach().T
+        return total
+
+    @torch.no_grad()
+    def measure(items, x_of):
+        hits = 0
+        for b in range(0, len(items), 32):
+            batch = items[b : b + 32]
+            c = reads(batch, x_of)
+            top = (c @ W.T).argmax(-1)
+            hits += sum(int(top[j]) == t["target"] for j, t in enumerate(batch))
+        return hits / max(len(items), 1)
+
+    report = {"train_items": len(train), "val_items": len(val), "val_top1_before": measure(val, vxs)}
+    print(f"retrieval: {len(train)} train / {len(val)} val answers; val top-1 before {report['val_top1_before']:.3f}",
+          flush=True)  # fmt: skip
+    params = [temperature]
+    for layer in layers.values():
+        params += [layer.delta_mem_write[adapter].weight, layer.delta_mem_beta_bias[adapter]]
+    optimizer = torch.optim.Adam(params, lr=args.retrieval_lr)
+    rng = random.Random(f"retrieval/{args.seed}")
+    generator = torch.Generator().manual_seed(args.seed)
+    curve = []
+    for step in range(1, args.retrieval_steps + 1):
+        batch = rng.sample(train, min(32, len(train)))
+        written = torch.tensor(sorted({tok_id for t in batch for i in t["writes"] for tok_id in rows[i]}))
+        targets = torch.tensor([t["target"] for t in batch])
+        candidates = torch.cat([targets, written, torch.randint(E.shape[0], (2048,), generator=generator)]).unique()
+        c = reads(batch, xs)
+        logits = temperature * F.normalize(c, dim=-1) @ W[candidates].T
+        index = torch.searchsorted(candidates, targets)
+        loss = F.cross_entropy(logits, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for layer in layers.values():  # the value path stays as fitted
+            g = layer.delta_mem_write[adapter].weight.grad
+            w = layer.settings[adapter].width
+            g[2 * w : 3 * w] = 0
+        optimizer.step()
+        if step % 50 == 0 or step == args.retrieval_steps:
+            entry = {"step": step, "loss": round(loss.item(), 4), "minutes": round((time.perf_counter() - t0) / 60, 2)}
+            if step % 200 == 0 or step == args.retrieval_steps:
+                entry["val_top1"] = measure(val, vxs)
+            curve.append(entry)
+            print(f"retrieval {entry}", flush=True)
+    report.update(curve=curve, val_top1_after=measure(val, vxs), minutes=(time.perf_counter() - t0) / 60)
+    history["retrieval"] = report
+
+
 def _kl(model, hidden, states, lengths):
     """KL(frozen || adapter) over the vocabulary at the last ``lengths[i]`` positions of each row."""
     import torch
@@ -471,7 +665,7 @@ tags: [delta-mem, peft-deltamem]
 # δ-mem memory adapter for SmolLM2-135M-Instruct: recalling what a user told it
 
 Base model: {BASE_MODEL_NAME}. Trained with [peft-deltamem](../../README.md) on the seeded open-facts generator
-(`peft_deltamem.eval.open_facts`, seed {history["args"]["seed"]}, train split: {history["pool"]["episodes"]} episodes;
+(`benchmarks/open_facts.py`, seed {history["args"]["seed"]}, train split: {history["pool"]["episodes"]} episodes;
 values and fact kinds of the val and test splits are never trained).
 
 Re-create (after `{INSTALL_COMMAND}`; {history["args"]["threads"]} torch threads, {history["train_minutes"]:.1f} min
