@@ -337,46 +337,21 @@ def value_path_init(model, tok, hidden, rows, scale, segment, shared_qk, seed, s
     import torch
     import torch.nn.functional as F
 
-    from peft_deltamem.layer import DeltaMemLayer
-    from peft_deltamem.training.frozen_prefix import first_adapted_layer, only_layers, pad_rows
-
     generator = torch.Generator().manual_seed(seed)
     base = model.get_base_model()
     decoder = base.get_decoder()
-    start = first_adapted_layer(model)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeltaMemLayer)}
     special = set(tok.all_special_ids) | set(tok("user\nassistant\n", add_special_tokens=False)["input_ids"])
-    captured, residual = {}, []
-    hooks = []
-    for name, layer in layers.items():
-        q_proj = next(m for n, m in layer.named_modules() if n.endswith("q_proj"))
-        hooks.append(q_proj.register_forward_hook(lambda m, i, o, key=name: captured.setdefault(key, []).append(i[0])))
-    # keep each position's RMS of the final residual, not the residual itself
-    hooks.append(decoder.norm.register_forward_pre_hook(lambda m, args: residual.append(args[0].pow(2).mean(-1))))
     index = torch.randperm(len(rows), generator=generator)[:2000].tolist()
-    xs = {name: [] for name in layers}
+    residual = []  # each position's mean square of the final residual, not the residual itself
+    captured, layers = attention_inputs(model, hidden, index, final_mean_square=residual)
+    xs = {name: [x.mean(0, keepdim=True) if segment else x for x in per_row] for name, per_row in captured.items()}
     targets = []
-    try:
-        with torch.no_grad(), model.disable_adapter(), only_layers(model, start):
-            for b in range(0, len(index), 64):
-                chunk = index[b : b + 64]
-                x, mask = pad_rows([hidden[i] for i in chunk])
-                captured.clear()
-                base(inputs_embeds=x, attention_mask=mask, use_cache=False)
-                for name in layers:
-                    h = captured[name][0]
-                    for j, i in enumerate(chunk):
-                        n = len(rows[i])
-                        xs[name].append(h[j, :n].mean(0, keepdim=True) if segment else h[j, :n])
-                for i in chunk:
-                    words = [t for t in rows[i] if t not in special]
-                    if segment:
-                        targets.append(torch.tensor(words or [rows[i][-1]]))
-                    else:
-                        targets.extend(torch.tensor([t]) for t in rows[i])
-    finally:
-        for h in hooks:
-            h.remove()
+    for i in index:
+        words = [t for t in rows[i] if t not in special]
+        if segment:
+            targets.append(torch.tensor(words or [rows[i][-1]]))
+        else:
+            targets.extend(torch.tensor([t]) for t in rows[i])
     rho = torch.cat([r.reshape(-1) for r in residual]).sqrt().median().item()
     E = base.get_output_embeddings().weight.detach()
     W = E * decoder.norm.weight.detach()
@@ -425,9 +400,11 @@ def value_path_init(model, tok, hidden, rows, scale, segment, shared_qk, seed, s
     return report
 
 
-def attention_inputs(model, hidden, indices, batch_size: int = 64) -> dict:
+def attention_inputs(model, hidden, indices, batch_size: int = 64, final_mean_square: list | None = None):
     """Each adapted layer's attention input (what its memory projections read) for the rows ``indices`` of the
-    cached states ``hidden``, with the adapters off: ``{layer name: [(length, d) per row]}``."""
+    cached states ``hidden``, with the adapters off: ``({layer name: [(length, d) per row]}, {layer name: layer})``.
+    With ``final_mean_square`` (a list), also appends each batch's per-position mean square of the final residual
+    (the final norm's input; padding included)."""
     import torch
 
     from peft_deltamem.layer import DeltaMemLayer
@@ -440,6 +417,9 @@ def attention_inputs(model, hidden, indices, batch_size: int = 64) -> dict:
     for name, layer in layers.items():
         q_proj = next(m for n, m in layer.named_modules() if n.endswith("q_proj"))
         hooks.append(q_proj.register_forward_hook(lambda m, i, o, key=name: captured.setdefault(key, []).append(i[0])))
+    if final_mean_square is not None:
+        norm = base.get_decoder().norm
+        hooks.append(norm.register_forward_pre_hook(lambda m, args: final_mean_square.append(args[0].pow(2).mean(-1))))
     out = {name: [] for name in layers}
     try:
         with torch.no_grad(), model.disable_adapter(), only_layers(model, start):

@@ -34,6 +34,7 @@ def test_ci_checks_the_readme_tested_versions_against_a_fresh_install():
     stated = fresh_resolve.readme_versions(text)
     assert set(fresh_resolve.CHECKED) <= set(stated)
     assert fresh_resolve.readme_drift(text, dict(stated)) == []
+    assert fresh_resolve.readme_drift(text, {**stated, "torch": stated["torch"] + "+cpu"}) == []  # a local build
     newer = {**stated, "accelerate": "9.9.9"}
     assert fresh_resolve.readme_drift(text, newer) == [
         f"  accelerate: the README says {stated['accelerate']}, a fresh install gets 9.9.9"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.nn.modules.module import _global_backward_hooks, _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules import module as _torch_module
 
 from . import ops
 from .architectures import AttentionLayout
@@ -32,15 +32,26 @@ def _thread_key() -> int:
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
 
 
+# torch's registries of global module hooks (register_module_forward_hook & co.); where a torch version lacks
+# them, every adapter Linear keeps the module call
+_GLOBAL_HOOKS = tuple(
+    getattr(_torch_module, name, None)
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+)  # fmt: skip
+_DIRECT_LINEAR = all(isinstance(hooks, dict) for hooks in _GLOBAL_HOOKS)
+
+
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for one of the adapter's Linear layers; a plain ``nn.Linear`` with no hooks (nothing gathers,
     shards or observes it) is applied directly, without the module call's dispatch (a few µs per layer and token).
     Sharding wrappers (FSDP2 replaces the class, ZeRO-3 registers hooks) and user hooks keep the module call."""
     if (
-        type(module) is nn.Linear
+        _DIRECT_LINEAR
+        and type(module) is nn.Linear
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not (module._backward_hooks or module._backward_pre_hooks)
-        and not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks)
+        and not any(_GLOBAL_HOOKS)
     ):
         return F.linear(x, module.weight, module.bias)
     return module(x)
@@ -92,7 +103,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.runtime = runtime
         self.layer_name = name
         # thread id -> the corrections of the call running in that thread (threads may share one model)
-        self._corrections: dict[int, dict[str, torch.Tensor]] = {}
+        self._corrections: dict[int, dict[str, tuple[torch.Tensor, float]]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._hooked: set[str] = set()  # projection slots with a correction hook (those some adapter corrects)
