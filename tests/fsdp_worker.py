@@ -5,8 +5,6 @@ Run as ``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py
 - ``fsdp2``: ``fully_shard`` on every Linear of the δ-mem layers, then the root;
 - ``fsdp1``: ``FullyShardedDataParallel`` with a per-Linear wrap policy (as peft's FSDP recipe wraps adapter
   Linears), ``use_orig_params=True``;
-- ``fsdp2-layers-forward``: ``fully_shard`` on every decoder layer, then the root; the forward only (each layer runs
-  twice per episode, which FSDP2's backward does not support: docs/training.md).
 
 Every rank takes its half of a 4-row episode batch; rank 0 writes the ranks' losses and the full gradients of the
 adapter parameters to OUT, to be compared with one process on the whole batch.
@@ -57,22 +55,15 @@ def main(mode: str, out: str) -> None:
     model = build()
     batch = {k: v[rank * 2 : rank * 2 + 2] for k, v in episode_batch().items()}
     full = {}
-    if mode in ("fsdp2", "fsdp2-layers-forward"):
+    if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        if mode == "fsdp2":  # every Linear its own unit (adapter and frozen), the rest in the root
-            for module in list(model.modules()):
-                if type(module) is nn.Linear:
-                    fully_shard(module)
-        else:  # decoder layers as units: each runs twice per episode (memory stream, visible stream)
-            for layer in model.get_base_model().model.layers:
-                fully_shard(layer)
+        for module in list(model.modules()):  # every Linear its own unit (adapter and frozen), the rest in the root
+            if type(module) is nn.Linear:
+                fully_shard(module)
         fully_shard(model)
-        if mode == "fsdp2":
-            grads, loss = gradients(model, batch)
-            full = {n: g.full_tensor() for n, g in grads.items()}
-        else:  # forward only, with gradients enabled (FSDP2 then rebuilds the containers in each layer's keywords)
-            loss = model(**batch).loss.item()
+        grads, loss = gradients(model, batch)
+        full = {n: g.full_tensor() for n, g in grads.items()}
     elif mode == "fsdp1":
         import functools
 

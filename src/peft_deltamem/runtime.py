@@ -276,7 +276,9 @@ class MemoryRuntime:
                 f"This memory belongs to adapter {memory.adapter_name!r}, which this model does not have "
                 f"(adapters: {sorted(self.configs)})."
             )
-        expected = self._adapter_info(memory.adapter_name)[1] or {}
+        expected = self._adapter_info(memory.adapter_name)[1]
+        if expected is None:
+            raise ValueError(f"No δ-mem layer has adapter {memory.adapter_name!r}.")
         for name, value in expected.items():
             if getattr(memory, name) != value:
                 raise ValueError(
