@@ -133,17 +133,14 @@ def main(argv=None):
             max_facts=1, max_updates=0, max_distractors=0, max_small_talk=1, max_sessions=1
         )
     episodes = open_facts.generate_episodes("train", args.pool, shape, seed=args.seed)
-    leave, arrival = SessionPolicy(window=2), SessionPolicy(window=10**6, write="arrival")
+    arrival = SessionPolicy(window=10**6, write="arrival")
     rows, pool = [], []
     for e in episodes:
-        plan = plan_turn([], 0, e.messages, tok, leave)
+        writes, prompt, answer = served_layout(e, tok)
         full = plan_turn([], 0, e.messages, tok, arrival)
-        assert full.writes[: len(plan.writes)] == plan.writes
-        reply = {"role": "assistant", "content": e.reply}
-        prompt, answer = tokenize_prompt_and_answer(e.messages[-2:], reply, tok)
-        assert prompt == plan.prompt
-        item = {"n_writes": len(plan.writes), "answer": answer, "writes": [], "extra": [], "recall": [], "weights": []}
-        for w in plan.writes:
+        assert full.writes[: len(writes)] == writes
+        item = {"n_writes": len(writes), "answer": answer, "writes": [], "extra": [], "recall": [], "weights": []}
+        for w in writes:
             item["writes"].append(len(rows))
             rows.append(w)
         item["recall"].append((len(rows), answer, value_weights(tok, answer, e.value, args.value_weight)))
@@ -158,7 +155,7 @@ def main(argv=None):
                 item["recall"].append((len(rows), q_answer, value_weights(tok, q_answer, value, args.value_weight)))
                 rows.append(q_prompt + q_answer)
         if rng.random() < args.visible_share:
-            for w in full.writes[len(plan.writes) :]:
+            for w in full.writes[len(writes) :]:
                 item["extra"].append(len(rows))
                 rows.append(w)
             item["visible"] = len(rows)
@@ -189,9 +186,7 @@ def main(argv=None):
     if args.retrieval_steps:
         if not args.value_init:
             parser.error("--retrieval-steps trains the retrieval against the fitted value path: pass --value-init")
-        args._shape = shape
-        retrieval_pretrain(model, tok, open_facts, pool, rows, hidden, episodes, args, history)
-        del args._shape
+        retrieval_pretrain(model, tok, open_facts, shape, pool, rows, hidden, episodes, args, history)
     cache_seconds = time.perf_counter() - t_start
     history["pool"] = {"episodes": len(pool), "rows": len(rows), "tokens": sum(map(len, rows)),
                        "seconds": cache_seconds, "general_prompts": len(general)}  # fmt: skip
@@ -305,6 +300,19 @@ def main(argv=None):
     return history
 
 
+def served_layout(episode, tok) -> tuple[list[list[int]], list[int], list[int]]:
+    """An episode as the chat engine serves it with a window of two messages: the token rows of the messages written
+    into memory (one call each), the visible prompt, and the target reply's tokens."""
+    from peft_deltamem.agents.session import SessionPolicy, plan_turn
+    from peft_deltamem.training.episodes import tokenize_prompt_and_answer
+
+    plan = plan_turn([], 0, episode.messages, tok, SessionPolicy(window=2))
+    reply = {"role": "assistant", "content": episode.reply}
+    prompt, answer = tokenize_prompt_and_answer(episode.messages[-2:], reply, tok)
+    assert prompt == plan.prompt
+    return plan.writes, prompt, answer
+
+
 def target_value(episode, question: str, target: str) -> str | None:
     """The value a question of ``all_questions`` asks for (None for a never-told one)."""
     return next((v for v in episode.facts.values() if target.rstrip(".").endswith(v)), None)
@@ -315,12 +323,10 @@ def value_weights(tok, answer: list[int], value: str | None, weight: float) -> l
     weights = [1.0] * len(answer)
     if value is None or weight == 1.0:
         return weights
-    for text in (" " + value, value):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        for s in range(len(answer) - len(ids), -1, -1):
-            if answer[s : s + len(ids)] == ids:
-                weights[s : s + len(ids)] = [weight] * len(ids)
-                return weights
+    span = value_span(tok, answer, value)
+    if span is not None:
+        start, length = span
+        weights[start : start + length] = [weight] * length
     return weights
 
 
@@ -436,17 +442,18 @@ def attention_inputs(model, hidden, indices, batch_size: int = 64, final_mean_sq
     return out, layers
 
 
-def value_position(tok, answer: list[int], value: str) -> int | None:
-    """Index in ``answer`` of the value's first token (None when the value's tokens are not found)."""
+def value_span(tok, answer: list[int], value: str) -> tuple[int, int] | None:
+    """``(start, length)`` of the last place ``answer`` spells ``value`` (with a leading space first, then without);
+    None when its tokens are not found."""
     for text in (" " + value, value):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for s in range(len(answer) - len(ids), -1, -1):
             if answer[s : s + len(ids)] == ids:
-                return s
+                return s, len(ids)
     return None
 
 
-def retrieval_pretrain(model, tok, open_facts, pool, rows, hidden, episodes, args, history) -> None:
+def retrieval_pretrain(model, tok, open_facts, shape, pool, rows, hidden, episodes, args, history) -> None:
     """Train the memory's retrieval alone before the reply loss: W_mq, W_mk, W_β and b_β, with the value path
     (W_mv, Δ_o, fitted by --value-init) frozen.
 
@@ -464,9 +471,7 @@ def retrieval_pretrain(model, tok, open_facts, pool, rows, hidden, episodes, arg
     import torch.nn.functional as F
 
     from peft_deltamem import ops
-    from peft_deltamem.agents.session import SessionPolicy, plan_turn
     from peft_deltamem.padding import pad_rows
-    from peft_deltamem.training.episodes import tokenize_prompt_and_answer
     from peft_deltamem.training.frozen_prefix import frozen_hidden
 
     t0 = time.perf_counter()
@@ -478,22 +483,22 @@ def retrieval_pretrain(model, tok, open_facts, pool, rows, hidden, episodes, arg
             if e.value is None:
                 continue
             row, answer, _ = item["recall"][0]
-            s = value_position(tok, answer, e.value)
-            if s is None:
+            span = value_span(tok, answer, e.value)
+            if span is None:
                 continue
+            s = span[0]
             out.append({"writes": item["writes"], "row": row,
                         "position": len(row_list[row]) - len(answer) + s - 1, "target": answer[s]})  # fmt: skip
         return out
 
     train = targets_of(pool, episodes, rows)
     # val episodes laid out as in training (window of two messages)
-    val_eps = open_facts.generate_episodes("val", 96, getattr(args, "_shape", None), seed=args.seed)
+    val_eps = open_facts.generate_episodes("val", 96, shape, seed=args.seed)
     val_rows, val_items = [], []
     for e in val_eps:
-        plan = plan_turn([], 0, e.messages, tok, SessionPolicy(window=2))
-        prompt, answer = tokenize_prompt_and_answer(e.messages[-2:], {"role": "assistant", "content": e.reply}, tok)
-        item = {"writes": list(range(len(val_rows), len(val_rows) + len(plan.writes)))}
-        val_rows.extend(plan.writes)
+        writes, prompt, answer = served_layout(e, tok)
+        item = {"writes": list(range(len(val_rows), len(val_rows) + len(writes)))}
+        val_rows.extend(writes)
         item["recall"] = [(len(val_rows), answer, None)]
         val_rows.append(prompt + answer)
         val_items.append(item)
