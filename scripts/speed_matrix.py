@@ -45,10 +45,16 @@ def available_models() -> list[str]:
 # ------------------------------------------------------------------------------------------ one cell (worker)
 
 
-def _build(model_name: str):
+def _build(model_name: str, device: str = "cpu"):
     import torch
     import transformers
 
+    if device == "cuda":  # a random bf16 model of Qwen3-4B's shapes, built on the GPU
+        from bench_speed import reference_config
+
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            return transformers.AutoModelForCausalLM.from_config(reference_config("cuda"), dtype=torch.bfloat16).eval()
     if model_name == "smollm2":
         from peft_deltamem.real_model import load_smollm2
 
@@ -59,8 +65,14 @@ def _build(model_name: str):
     return transformers.AutoModelForCausalLM.from_config(reference_config("cpu")).eval()
 
 
-def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled")) -> dict:
-    """Measure one (model, threads) cell in this process; returns the ratios of each mode."""
+def worker(
+    model_name: str, threads: int, quick: bool, modes=("eager", "compiled"), device: str = "cpu", prompt_tokens=None
+) -> dict:
+    """Measure one (model, threads) cell in this process; returns the ratios of each mode.
+
+    On CUDA (``device="cuda"``: the bf16 Qwen3-4B-sized model, ``prompt_tokens`` long prompts) the modes are
+    ``eager`` and ``cudagraphs`` (``torch.compile(mode="reduce-overhead")``, decode only: its prefill runs eager).
+    """
     import copy
 
     import torch
@@ -75,11 +87,19 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
     # first step, decode; each model) count against one per-function limit; raise it so neither falls back to eager.
     torch._dynamo.config.recompile_limit = 64
     n = lengths(quick)
-    frozen = _build(model_name)
+    if prompt_tokens:
+        n.update(prompt=prompt_tokens, tokens=32, reps=3)
+    frozen = _build(model_name, device)
     delta = get_peft_model(copy.deepcopy(frozen), DeltaMemConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
     inner = delta.get_base_model()
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, frozen.config.vocab_size, (1, n["prompt"]), generator=generator)
+    prompt = torch.randint(0, frozen.config.vocab_size, (1, n["prompt"]), generator=generator).to(device)
+    eager_forward: dict[int, object] = {}  # the eager forward of each model, kept when it is compiled
+
+    def clock() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def new_cache(model):  # one size for both phases: the compiled prefill graph serves the decode's prefill too
         return StaticCache(config=model.config, max_cache_len=n["prompt"] + n["tokens"] + 1)
@@ -89,7 +109,7 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
 
     def step(model, cache, kw, ids, start: int, **extra):
         """One call as generate() makes it: explicit positions into the static cache."""
-        at = torch.arange(start, start + ids.shape[1])
+        at = torch.arange(start, start + ids.shape[1], device=device)
         positions = dict(cache_position=at, position_ids=at[None])
         return model(input_ids=ids, past_key_values=cache, use_cache=True, **positions, **extra, **kw)
 
@@ -98,21 +118,31 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
 
         def run() -> float:
             cache.reset()
-            start = time.perf_counter()
+            start = clock()
             step(model, cache, kw, prompt, 0, logits_to_keep=1)
-            return time.perf_counter() - start
+            return clock() - start
 
         return run
 
     def decode(model):
         def run() -> float:
             cache, kw = new_cache(model), memory(model)
-            token = step(model, cache, kw, prompt, 0, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            if device == "cuda":  # the prompt runs eager: only the decode step is captured in CUDA graphs
+                at = torch.arange(n["prompt"], device=device)
+                compiled, model.forward = model.forward, eager_forward.get(id(model), model.forward)
+                try:
+                    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=at,
+                                position_ids=at[None], logits_to_keep=1, **kw)  # fmt: skip
+                finally:
+                    model.forward = compiled
+            else:
+                out = step(model, cache, kw, prompt, 0, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
             times = []
             for i in range(n["tokens"]):
-                start = time.perf_counter()
+                start = clock()
                 step(model, cache, kw, token, n["prompt"] + i)
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
             return statistics.median(times)
 
         return run
@@ -124,9 +154,9 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
             token = out.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(n["tokens"]):
-                start = time.perf_counter()
+                start = clock()
                 model(input_ids=token, past_key_values=cache, use_cache=True, **kw)
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
             return statistics.median(times)
 
         return run
@@ -136,9 +166,9 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
             times = []
             for new in (1, n["tokens"] + 1):
                 kw = memory(model)
-                start = time.perf_counter()
+                start = clock()
                 model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
             return (times[1] - times[0]) / n["tokens"]
 
         return run
@@ -151,10 +181,18 @@ def worker(model_name: str, threads: int, quick: bool, modes=("eager", "compiled
     out = {}
     with torch.no_grad():
         for mode in modes:
-            if mode == "compiled":
+            if mode in ("compiled", "cudagraphs"):
                 start = time.perf_counter()
+                options = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
                 for model in (frozen, inner):
-                    model.forward = torch.compile(model.forward, dynamic=False)
+                    eager_forward[id(model)] = model.forward
+                    model.forward = torch.compile(model.forward, dynamic=False, **options)
+            if mode == "cudagraphs":
+                try:
+                    out[mode] = {"decode": measure(decode), "compile_and_measure_s": time.perf_counter() - start}
+                except Exception as error:  # reported in the table, not hidden
+                    out[mode] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                continue
             cell = {"prefill": measure(prefill), "decode": measure(decode)}
             if mode == "eager":
                 cell["loop"] = measure(loop)
@@ -207,6 +245,47 @@ def run_matrix(script: str, models: list[str], quick: bool) -> dict:
             )
             cells.append(row)
     return {"lengths": lengths(quick), "cells": cells}
+
+
+GPU_PROMPTS = (8192, 32768)
+
+
+def run_gpu_matrix(command: str, machine: str) -> dict:
+    """The CUDA matrix in this process: the bf16 Qwen3-4B-sized model, one row per prompt length (eager prefill,
+    decode, hand-written loop and generate(); decode with CUDA graphs)."""
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    rows = []
+    for prompt in GPU_PROMPTS:
+        row = {"prompt": prompt, **worker("qwen3-4b", 1, False, ("eager", "cudagraphs"), "cuda", prompt)}
+        print(f"GPU prompt {prompt}: {json.dumps(row)}", flush=True)
+        rows.append(row)
+    return {"rows": rows, "command": command, "machine": machine, "started_at": started,
+            "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+
+
+def render_gpu(matrix: dict) -> list[str]:
+    lines = [
+        "## The same matrix on a GPU: bf16, Qwen3-4B-sized random model",
+        "",
+        f"Command: `{matrix['command']}`  ",
+        f"Machine: {matrix['machine']}; measured {matrix['started_at']} to {matrix['finished_at']}. Ratios δ-mem / "
+        "frozen (plain transformers model), medians of 3 interleaved repetitions, decode = median of 32 single-token "
+        "steps after the prompt; CUDA graphs = `torch.compile(model.forward, mode=\"reduce-overhead\")` with the "
+        "static cache, decode only (the prompt runs eager).",
+        "",
+        "| prompt | prefill eager | decode eager | hand-written loop | generate() | decode, CUDA graphs | "
+        "frozen decode eager / CUDA graphs |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in matrix["rows"]:
+        e, g = r["eager"], r.get("cudagraphs", {})
+        graphs = f"{g['decode']['ratio']:.3f}×" if "decode" in g else f"failed: {g.get('error', 'not run')}"
+        frozen_graphs = f"{g['decode']['frozen_ms']:.2f}" if "decode" in g else "—"
+        lines.append(
+            f"| {r['prompt']} | {e['prefill']['ratio']:.3f}× | {e['decode']['ratio']:.3f}× | {e['loop']['ratio']:.3f}× "
+            f"| {e['generate']['ratio']:.3f}× | {graphs} | {e['decode']['frozen_ms']:.2f} / {frozen_graphs} ms |"
+        )
+    return lines
 
 
 def render(matrix: dict) -> list[str]:
@@ -269,6 +348,8 @@ def render(matrix: dict) -> list[str]:
     lines += [
         "",
         "Where the eager decode overhead goes, and how to compile: docs/concepts.md, 'Decoding speed and "
-        "`torch.compile`'. GPU: not measured (no GPU was available to the session that produced this file).",
+        "`torch.compile`'. The same matrix on a GPU (bf16 Qwen3-4B-sized model, 8k and 32k prompts, eager and CUDA "
+        "graphs): `python scripts/bench_speed.py --device cuda --sections matrix`; not measured yet (no GPU could be "
+        "started for the sessions that produced this file).",
     ]
     return lines

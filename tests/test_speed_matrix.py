@@ -47,3 +47,21 @@ def test_targets_table_marks_each_cell():
     assert not any("| smollm2 | 2, busy | compiled" in row for row in rows)  # busy rows: eager only
     assert "| smollm2 | 2, other core busy | 1.090× | — | 1.110× | — | — | — | 10.00 / — ms |" in rows
     assert "| reference | 2 | 1.040× | 1.060× | 1.050× | 1.020× | 1.020× | — | 10.00 / 10.00 ms |" in rows
+
+
+def test_gpu_table_renders_each_prompt_and_a_failed_cuda_graphs_cell():
+    eager = {**cell(1.02, 1.04, loop=1.06), "generate": {"frozen_ms": 11.0, "delta_mem_ms": 11.55, "ratio": 1.05}}
+    matrix = {
+        "command": "python scripts/bench_speed.py --device cuda --sections matrix",
+        "machine": "test GPU",
+        "started_at": "2026-01-01 00:00",
+        "finished_at": "2026-01-01 00:10 UTC",
+        "rows": [
+            {"prompt": 8192, "eager": eager, "cudagraphs": {"decode": cell(1.0, 1.01)["decode"]}},
+            {"prompt": 32768, "eager": eager, "cudagraphs": {"error": "RuntimeError: graph capture failed"}},
+        ],
+    }
+    lines = speed_matrix.render_gpu(matrix)
+    assert "| 8192 | 1.020× | 1.040× | 1.060× | 1.050× | 1.010× | 10.00 / 10.00 ms |" in lines
+    failed = "| 32768 | 1.020× | 1.040× | 1.060× | 1.050× | failed: RuntimeError: graph capture failed | 10.00 / — ms |"
+    assert failed in lines

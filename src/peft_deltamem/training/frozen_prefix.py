@@ -82,7 +82,8 @@ def only_layers(model, start: int, stop: int | None = None) -> Iterator[None]:
 def frozen_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
     """For each token row, the ``(len(row), d)`` hidden states entering the first adapted layer.
 
-    Runs only the (frozen, adapter-free) layers below it, in batches of similar lengths.
+    Runs only the (frozen, adapter-free) layers below it, in batches of similar lengths, on the device of the
+    model's input embeddings (where the returned states live).
     """
     start = first_adapted_layer(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -91,6 +92,7 @@ def frozen_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size:
     hook = decoder.norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[torch.Tensor | None] = [None] * len(rows)
+    device = base.get_input_embeddings().weight.device
     was_training = base.training
     base.eval()
     try:
@@ -99,7 +101,7 @@ def frozen_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size:
                 index = order[s : s + batch_size]
                 ids, mask = pad_rows([torch.as_tensor(rows[i], dtype=torch.long) for i in index], pad_id)
                 captured.clear()
-                base(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
                 for j, i in enumerate(index):
                     out[i] = captured[0][j, : len(rows[i])].clone()
     finally:
