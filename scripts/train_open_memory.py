@@ -537,8 +537,8 @@ def retrieval_pretrain(model, tok, open_facts, shape, pool, rows, hidden, episod
     the layer's attention output, then the layer's MLP, the final norm and the head, a cross-entropy over the whole
     vocabulary at the value's position (Δ_o trains too), and ``--selectivity`` weighs a KL to the frozen model at
     the reply's other positions. The read alone through Δ_o and the unembedding does not say what the model does:
-    runs s1 and s3 named the value that way for 0.15–0.21 of val answers, while the model's own logits moved
-    towards it for none (docs/open_memory.md).
+    runs q1 and s3 named the value that way for 0.21 and 0.15 of val answers, while s3's memory made the value the
+    most-raised token of the model's own logits for none of them (docs/open_memory.md).
     """
     import random
     import time
