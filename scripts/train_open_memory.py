@@ -342,20 +342,6 @@ def main(argv=None):
     return history
 
 
-def torch_no_grad(fn):
-    """``torch.no_grad()`` without importing torch when the script only answers --help."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import torch
-
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
 def served_layout(episode, tok) -> tuple[list[list[int]], list[int], list[int]]:
     """An episode as the chat engine serves it with a window of two messages: the token rows of the messages written
     into memory (one call each), the visible prompt, and the target reply's tokens."""
@@ -701,18 +687,22 @@ def retrieval_pretrain(model, tok, open_facts, shape, pool, rows, hidden, episod
         targets = torch.tensor([t["target"] for t in batch])
         candidates = torch.cat([targets, written, torch.randint(E.shape[0], (2048,), generator=generator)]).unique()
         candidates, targets = candidates.to(W.device), targets.to(W.device)
-        c, c_others = reads(batch, xs, others=True)
+        logged = step % 50 == 0 or step == args.retrieval_steps
+        if args.selectivity or logged:
+            c, c_others = reads(batch, xs, others=True)
+        else:
+            c, c_others = reads(batch, xs), None
         if full:
             h = torch.stack([mids[t["row"]][t["position"]] for t in batch])
             loss = F.cross_entropy(final_logits(h, c), targets)
-            ratio = others_kl(batch, mids, c_others)
+            ratio = others_kl(batch, mids, c_others) if c_others is not None else None
             if args.selectivity:
                 loss = loss + args.selectivity * ratio
         else:
             logits = temperature * F.normalize(c, dim=-1) @ W[candidates].T
             index = torch.searchsorted(candidates, targets)
             loss = F.cross_entropy(logits, index)
-            ratio = log_size_ratio(c, c_others)
+            ratio = log_size_ratio(c, c_others) if c_others is not None else None
             if args.selectivity:  # a hinge: unbounded, the ratio alone would take over the loss (run s2)
                 loss = loss + args.selectivity * F.relu(ratio - args.selectivity_margin)
         optimizer.zero_grad(set_to_none=True)
@@ -722,7 +712,7 @@ def retrieval_pretrain(model, tok, open_facts, shape, pool, rows, hidden, episod
             w = layer.settings[adapter].width
             g[2 * w : 3 * w] = 0
         optimizer.step()
-        if step % 50 == 0 or step == args.retrieval_steps:
+        if logged:
             entry = {"step": step, "loss": round(loss.item(), 4), key: round(ratio.item(), 3),
                      "minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
             if step % 200 == 0 or step == args.retrieval_steps:
@@ -735,7 +725,20 @@ def retrieval_pretrain(model, tok, open_facts, shape, pool, rows, hidden, episod
     history["retrieval"] = report
 
 
-@torch_no_grad
+def started_replies(tok, episodes) -> list[tuple[list[list[int]], list[int], int]]:
+    """For each told episode whose reply spells its value: the token rows written into memory (as the engine serves
+    it), the visible prompt with the reply started up to the value, and the value's first token."""
+    items = []
+    for e in episodes:
+        if e.value is None:
+            continue
+        writes, prompt, answer = served_layout(e, tok)
+        span = value_span(tok, answer, e.value)
+        if span is not None:
+            items.append((writes, prompt + answer[: span[0]], answer[span[0]]))
+    return items
+
+
 def forced_value_top1(model, tok, episodes, batch_size: int = 16) -> dict:
     """With the reply started up to the value ("Your cousin's name is"), how often the model's next token is the
     value's first token, over the full vocabulary: with the history written into memory as the engine writes it
@@ -745,14 +748,7 @@ def forced_value_top1(model, tok, episodes, batch_size: int = 16) -> dict:
 
     from peft_deltamem.training.frozen_prefix import cached_message_writes, cached_read_logits, frozen_hidden
 
-    items = []
-    for e in episodes:
-        if e.value is None:
-            continue
-        writes, prompt, answer = served_layout(e, tok)
-        span = value_span(tok, answer, e.value)
-        if span is not None:
-            items.append((writes, prompt + answer[: span[0]], answer[span[0]]))
+    items = started_replies(tok, episodes)
     hits = {"memory": 0, "no_memory": 0}
     segment = next(iter(model.peft_config.values())).write_granularity == "segment"
     for b in range(0, len(items), batch_size):
@@ -765,9 +761,12 @@ def forced_value_top1(model, tok, episodes, batch_size: int = 16) -> dict:
             at += len(writes)
         rows = hidden[at:]
         targets = torch.tensor([t for _, _, t in chunk], device=rows[0].device)
-        states = cached_message_writes(model, per, segment_writes=segment)
-        hits["memory"] += (cached_read_logits(model, rows, states, last=1)[:, -1].argmax(-1) == targets).sum().item()
-        hits["no_memory"] += (cached_read_logits(model, rows, None, last=1)[:, -1].argmax(-1) == targets).sum().item()
+        with torch.no_grad():
+            states = cached_message_writes(model, per, segment_writes=segment)
+            with_memory = cached_read_logits(model, rows, states, last=1)[:, -1].argmax(-1)
+            without = cached_read_logits(model, rows, None, last=1)[:, -1].argmax(-1)
+        hits["memory"] += (with_memory == targets).sum().item()
+        hits["no_memory"] += (without == targets).sum().item()
     return {k: v / max(len(items), 1) for k, v in hits.items()} | {"n": len(items)}
 
 

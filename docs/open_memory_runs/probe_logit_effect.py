@@ -21,21 +21,14 @@ from peft_deltamem.real_model import load_smollm2
 from peft_deltamem.training.frozen_prefix import cached_message_writes, cached_read_logits, frozen_hidden
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from train_open_memory import served_layout, value_span  # noqa: E402
+from train_open_memory import started_replies  # noqa: E402
 
 
 def main() -> None:
     torch.set_num_threads(2)
     base, tok = load_smollm2(cache=False)
     model = PeftModel.from_pretrained(base, sys.argv[1]).eval()
-    items = []
-    for e in open_facts.generate_episodes("val", 48, None, seed=0):
-        if e.value is None:
-            continue
-        writes, prompt, answer = served_layout(e, tok)
-        span = value_span(tok, answer, e.value)
-        if span:
-            items.append((writes, prompt + answer[: span[0]], answer[span[0]]))
+    items = started_replies(tok, open_facts.generate_episodes("val", 48, None, seed=0))
     hits, ranks = 0, []
     with torch.no_grad():
         for writes, row, target in items:
