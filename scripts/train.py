@@ -18,7 +18,8 @@ Data parallel (CPU: gloo; ``--use_cpu`` is implied when there is no GPU)::
     torchrun --nproc_per_node 2 scripts/train.py ...
     accelerate launch --config_file configs/accelerate_multi_cpu.yaml scripts/train.py ...
 
-See ``docs/training.md``.
+``--help`` lists this script's own options at once; ``--help-all`` adds every TrainingArguments flag with the
+defaults this script uses (it imports transformers, several seconds). See ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -32,51 +33,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-
-# Before TrainingArguments sets up the devices: on a machine without a GPU, a multi-process launch must run
-# on CPU with gloo, otherwise accelerate treats every process as a separate single-process run.
-if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-
-from datasets import Dataset, load_dataset  # noqa: E402
-from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
-
-from peft_deltamem import DeltaMemConfig  # noqa: E402
-from peft_deltamem.recall_task import VALUES, build_tokenizer, evaluate, recall_chats, train_steps  # noqa: E402
-from peft_deltamem.tiny_models import tiny_model  # noqa: E402
-from peft_deltamem.training import (  # noqa: E402
-    DeltaMemDataCollator,
-    EpisodeConfig,
-    MemoryHealthCallback,
-    add_memory_health_callback,
-    episodes_map_fn,
-    validate_ablation_probs,
-)
-
-# TrainingArguments defaults of the embedded run (any flag given on the command line wins).
-EMBEDDED_DEFAULTS = {
-    "max_steps": 100,
-    "learning_rate": 1e-2,
-    "lr_scheduler_type": "constant",
-    "per_device_train_batch_size": 32,
-    "logging_steps": 20,
-    "save_strategy": "no",
-}
-ALWAYS_DEFAULTS = {"output_dir": "delta_mem_output", "remove_unused_columns": False}
-if not torch.cuda.is_available():
-    ALWAYS_DEFAULTS["dataloader_pin_memory"] = False
 
 
 @dataclass
@@ -132,6 +88,74 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     pass
 
 
+def _quick_help() -> None:
+    """``--help`` without importing torch or transformers: this script's own options, and where the rest are."""
+    import dataclasses
+
+    head, _, rest = __doc__.strip().partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=head + "\n\nEvery transformers TrainingArguments flag is accepted next to these (--output_dir, "
+        "--max_steps, --learning_rate, --bf16, ...); --help-all lists them with the defaults this script uses.",
+        epilog=rest,
+        formatter_class=_HelpFormatter,
+    )
+    for f in dataclasses.fields(ScriptArguments):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = {"nargs": "?", "const": True, "metavar": "BOOL"} if isinstance(default, bool) else {}
+        parser.add_argument(f"--{f.name}", default=default, help=f.metadata.get("help"), **flag)
+    parser.print_help()
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    _quick_help()
+    raise SystemExit(0)
+
+import torch  # noqa: E402
+
+# Before TrainingArguments sets up the devices: on a machine without a GPU, a multi-process launch must run
+# on CPU with gloo, otherwise accelerate treats every process as a separate single-process run.
+if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+from datasets import Dataset, load_dataset  # noqa: E402
+from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from peft_deltamem import DeltaMemConfig  # noqa: E402
+from peft_deltamem.recall_task import VALUES, build_tokenizer, evaluate, recall_chats, train_steps  # noqa: E402
+from peft_deltamem.tiny_models import tiny_model  # noqa: E402
+from peft_deltamem.training import (  # noqa: E402
+    DeltaMemDataCollator,
+    EpisodeConfig,
+    MemoryHealthCallback,
+    add_memory_health_callback,
+    episodes_map_fn,
+    validate_ablation_probs,
+)
+
+# TrainingArguments defaults of the embedded run (any flag given on the command line wins).
+EMBEDDED_DEFAULTS = {
+    "max_steps": 100,
+    "learning_rate": 1e-2,
+    "lr_scheduler_type": "constant",
+    "per_device_train_batch_size": 32,
+    "logging_steps": 20,
+    "save_strategy": "no",
+}
+ALWAYS_DEFAULTS = {"output_dir": "delta_mem_output", "remove_unused_columns": False}
+if not torch.cuda.is_available():
+    ALWAYS_DEFAULTS["dataloader_pin_memory"] = False
+
+
 def build_parser(embedded: bool = True) -> HfArgumentParser:
     """The script's options and every TrainingArguments flag, with the defaults this script really uses."""
     head, _, rest = __doc__.strip().partition("\n\n")
@@ -147,6 +171,7 @@ def build_parser(embedded: bool = True) -> HfArgumentParser:
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
+    argv = ["--help" if a == "--help-all" else a for a in argv]  # the full listing (script options + TrainingArguments)
     embedded = not any(a == "--model" or a.startswith("--model=") for a in argv)
     script_args, training_args = build_parser(embedded).parse_args_into_dataclasses(args=argv)
     if script_args.dataset and not script_args.model:

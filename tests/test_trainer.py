@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -387,3 +388,26 @@ def test_train_script_embedded_default_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "with the fact IN CONTEXT" in out and "time per step" in out and "held-out recall" in out
     assert trainer.state.global_step == 3 and (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_train_script_help_is_instant_and_help_all_lists_the_training_arguments(capsys):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(path)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--backbone_steps" in done.stdout and "--load_in_4bit [BOOL]" in done.stdout
+    assert "--help-all" in done.stdout and "--learning_rate LEARNING_RATE" not in done.stdout  # named, not listed
+    assert "heavy: []" in done.stdout and done.stderr == ""
+    script = load_train_script()
+    with pytest.raises(SystemExit) as exit:
+        script.parse(["--help-all"])
+    assert exit.value.code == 0
+    listing = capsys.readouterr().out
+    assert "--learning_rate LEARNING_RATE" in listing and "--backbone_steps" in listing
