@@ -279,7 +279,10 @@ def render_gpu(matrix: dict) -> list[str]:
     ]
     for r in matrix["rows"]:
         e, g = r["eager"], r.get("cudagraphs", {})
-        graphs = f"{g['decode']['ratio']:.3f}×" if "decode" in g else f"failed: {g.get('error', 'not run')}"
+        if "decode" in g:
+            graphs = f"{g['decode']['ratio']:.3f}×"
+        else:  # a failure is shown with its error; a row measured without the mode says so
+            graphs = f"failed: {g['error']}" if "error" in g else "not run"
         frozen_graphs = f"{g['decode']['frozen_ms']:.2f}" if "decode" in g else "—"
         lines.append(
             f"| {r['prompt']} | {e['prefill']['ratio']:.3f}× | {e['decode']['ratio']:.3f}× | {e['loop']['ratio']:.3f}× "
