@@ -48,6 +48,24 @@ def parse_args(argv=None):
         help="history: what attending to every hidden message adds; value: what attending to the asked value's "
         "tokens adds (zero for a question about something never told)",
     )  # fmt: skip
+    p.add_argument(
+        "--gate-weight", type=float, default=0.0,
+        help="weight of a balanced cross-entropy asking the write gate to open on the tokens that spell a told value "
+        "(the user's facts, updated ones included) and stay shut elsewhere (0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gate-open", type=float, default=0.5,
+        help="the gate asked for on a told value's tokens (the retention gate is 1 - gate: 1 would wipe the state)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gate-steps", type=int, default=0,
+        help="steps that train the write gates alone on the gate loss before the main loop (no scan: fast)",
+    )  # fmt: skip
+    p.add_argument(
+        "--reply-weight", type=float, default=1.0,
+        help="weight of the target reply's positions in the loss (the window's have 1): where the value is due",
+    )  # fmt: skip
+    p.add_argument("--cache", type=Path, help="file of the cached frozen states: loaded when it exists, else written")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=60.0, help="stop training after this long (caching included)")
     p.add_argument("--threads", type=int, default=2)
@@ -155,6 +173,20 @@ def hidden_positions(teacher, s, m, value, tok, target):
     return hidden
 
 
+def spelled_positions(tokens, values, tok):
+    """A bool mask over ``tokens`` of the positions that spell one of ``values`` (with or without a leading space)."""
+    import torch
+
+    mask = torch.zeros(len(tokens), dtype=torch.bool)
+    for value in values:
+        for spelled in (" " + value, value):
+            ids = tok.encode(spelled, add_special_tokens=False)
+            for i in range(len(tokens) - len(ids) + 1):
+                if tokens[i : i + len(ids)] == ids:
+                    mask[i : i + len(ids)] = True
+    return mask
+
+
 def cache_chats(model, tok, episodes, layers, target="history"):
     """Per chat: {'hist': {layer: (T_hist, d)}, 'query': {layer: (T_student, d)}, 'delta': {layer: (T_student, d)}}
     (δ is zero on the student's system prompt: there the teacher has not seen the history yet)."""
@@ -170,8 +202,11 @@ def cache_chats(model, tok, episodes, layers, target="history"):
             hidden = hidden_positions(teacher, s, m, episode.value, tok, target)
             _, deltas = frozen_pass(model, [teacher], layers, teacher=(hidden, m))
         hist = {i: [states[i] for states in messages] for i in layers}
+        flat = [t for row in writes for t in row]
+        told = [*episode.facts.values(), *episode.stale]
         chats.append({
             "hist": {i: torch.cat(hist[i]) for i in layers},
+            "told": spelled_positions(flat, told, tok),
             "query": query,
             "delta": {i: torch.cat([deltas[i].new_zeros(s, deltas[i].shape[1]), deltas[i]]) for i in layers},
         })  # fmt: skip
@@ -214,12 +249,12 @@ class LayerMemory:
         return x.view(x.shape[0], x.shape[1], self.heads_n, self.r).transpose(1, 2)
 
     def write_inputs(self, hist):
-        """Keys, values and write gates (B, H, T, r) of the history states ``hist`` (B, T, d)."""
+        """Keys, values and write-gate logits (B, H, T, r) of the history states ``hist`` (B, T, d)."""
         import torch
         import torch.nn.functional as F
 
         _, k, v, gate = (self.heads(p) for p in F.linear(hist, self.write).split(self.heads_n * self.r, dim=-1))
-        return F.normalize(torch.tanh(k), dim=-1), v, torch.sigmoid(gate + self.bias.view(self.heads_n, 1, self.r))
+        return F.normalize(torch.tanh(k), dim=-1), v, gate + self.bias.view(self.heads_n, 1, self.r)
 
     def correction(self, final, query):
         """``s · Δ_o · read`` (s = 1) of ``query`` states (B, Tq, d) reading the memory ``final`` (B, H, r, r)."""
@@ -231,6 +266,26 @@ class LayerMemory:
         q = F.normalize(torch.tanh(self.heads(F.linear(query, self.write[: self.heads_n * self.r]))), dim=-1)
         read = ops.read_only(q, final).transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         return F.linear(read, self.out)
+
+
+def gate_only_loss(memories, chats, layers, gate_open):
+    """The gate loss of :func:`batch_loss` alone: the write gates' logits need no scan."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for i in layers:
+        hist, mask = pad([c["hist"][i] for c in chats])
+        told = torch.zeros_like(mask)
+        for row, c in enumerate(chats):
+            told[row, : len(c["told"])] = c["told"]
+        memory = memories[i]
+        logits = F.linear(hist, memory.write[3 * memory.heads_n * memory.r :]) + memory.bias
+        bce = F.binary_cross_entropy_with_logits(logits, told[..., None].float().expand_as(logits) * gate_open,
+                                                 reduction="none")  # fmt: skip
+        neg = bce[mask & ~told].mean()
+        losses.append(bce[told].mean() + neg if told.any() else neg)
+    return sum(losses) / len(losses)
 
 
 def pad(tensors):
@@ -245,26 +300,47 @@ def pad(tensors):
     return out, mask
 
 
-def batch_loss(memories, chats, layers):
-    """Per layer: the fraction of δ's energy the memory leaves unexplained, over the batch. The layers' writes run
-    as one scan (their state heads side by side: the layers are independent, the token order the same)."""
+def batch_loss(memories, chats, layers, gate_stats=None, gate_open=0.5, reply_weight=1.0):
+    """Per layer: the fraction of δ's energy the memory leaves unexplained, over the batch, and the write gate's
+    balanced cross-entropy against the told values' tokens. The layers' writes run as one scan (their state heads
+    side by side: the layers are independent, the token order the same); the gate is asked for ``gate_open`` on
+    the told values' tokens and 0 elsewhere. ``gate_stats`` (a dict) receives the mean
+    gate on the told values' tokens and on the others."""
     import torch
+    import torch.nn.functional as F
 
     from peft_deltamem import ops
 
     inputs = [memories[i].write_inputs(pad([c["hist"][i] for c in chats])[0]) for i in layers]
     hist_mask = pad([c["hist"][layers[0]] for c in chats])[1]
-    k, v, beta = (torch.cat(parts, dim=1) for parts in zip(*inputs))
+    told = torch.zeros_like(hist_mask)
+    for row, c in enumerate(chats):
+        told[row, : len(c["told"])] = c["told"]
+    k, v, logits = (torch.cat(parts, dim=1) for parts in zip(*inputs))
+    # balanced: the told values' tokens are about 1 % of the history
+    target = told[:, None, :, None].expand_as(logits).float() * gate_open
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pos, neg = told[:, None, :, None].expand_as(logits), (hist_mask & ~told)[:, None, :, None].expand_as(logits)
+    gate_loss = bce[pos].mean() + bce[neg].mean() if pos.any() else bce[neg].mean()
+    beta = torch.sigmoid(logits)
+    if gate_stats is not None:
+        gate_stats["told"] = beta[pos].mean().item() if pos.any() else float("nan")
+        gate_stats["other"] = beta[neg].mean().item()
     state = torch.zeros(k.shape[0], k.shape[1], k.shape[3], k.shape[3])
     _, final = ops.delta_rule(k, k, v, beta, state, hist_mask, impl="fused_recurrent")
     finals = final.split([memories[i].heads_n for i in layers], dim=1)
     losses = {}
     for i, layer_final in zip(layers, finals, strict=True):
         query, query_mask = pad([c["query"][i] for c in chats])
+        weight = query_mask.float()
+        if reply_weight != 1.0:  # the last ``reply`` positions of each row: its target reply
+            for row, c in enumerate(chats):
+                length = len(c["query"][i])
+                weight[row, length - c["reply"] : length] = reply_weight
         delta, _ = pad([c["delta"][i] for c in chats])
-        err = (memories[i].correction(layer_final, query) - delta) * query_mask[..., None]
-        losses[i] = err.pow(2).sum() / delta.pow(2).sum().clamp_min(1e-6)
-    return losses
+        err = (memories[i].correction(layer_final, query) - delta).pow(2) * weight[..., None]
+        losses[i] = err.sum() / (delta.pow(2) * weight[..., None]).sum().clamp_min(1e-6)
+    return losses, gate_loss
 
 
 def to_adapter(model, memories, layers, r):
@@ -304,8 +380,22 @@ def main(argv=None):
     r = model.model.layers[0].self_attn.head_dim
     train_eps = open_facts.generate_episodes("train", args.pool, None, seed=args.seed)
     val_eps = open_facts.generate_episodes("val", args.n_val, None, seed=0)
-    train = cache_chats(model, tok, train_eps, layers, args.target)
-    val = cache_chats(model, tok, val_eps, layers, args.target)
+    key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed, "layers": layers, "target": args.target}
+    if args.cache and args.cache.exists():
+        cached = torch.load(args.cache, weights_only=True)
+        if cached["key"] != key:
+            raise SystemExit(f"{args.cache} holds the states of {cached['key']}, not of {key}: pass another --cache")
+        train, val = cached["train"], cached["val"]
+    else:
+        train = cache_chats(model, tok, train_eps, layers, args.target)
+        val = cache_chats(model, tok, val_eps, layers, args.target)
+        if args.cache:
+            torch.save({"key": key, "train": train, "val": val}, args.cache)
+    from train_open_memory import served_layout
+
+    for chats, episodes in ((train, train_eps), (val, val_eps)):  # the reply's length (not in older caches)
+        for chat, episode in zip(chats, episodes, strict=True):
+            chat["reply"] = len(served_layout(episode, tok)[2])
     history = {"args": {k: str(v) for k, v in vars(args).items()}, "cache_minutes": (time.time() - start) / 60,
                "steps": [], "val": []}  # fmt: skip
     print(f"cached {len(train)} train and {len(val)} val chats in {history['cache_minutes']:.1f} min", flush=True)
@@ -319,27 +409,48 @@ def main(argv=None):
 
     def validate(step):
         with torch.no_grad():
-            per = {i: 0.0 for i in layers}
+            per, gate = {i: 0.0 for i in layers}, {"told": 0.0, "other": 0.0}
             for b in range(0, len(val), args.batch_size):
-                for i, loss in batch_loss(memories, val[b : b + args.batch_size], layers).items():
-                    per[i] += loss.item() * len(val[b : b + args.batch_size]) / len(val)
-        history["val"].append({"step": step, "unexplained": per, "mean": sum(per.values()) / len(per)})
+                chats, stats = val[b : b + args.batch_size], {}
+                for i, loss in batch_loss(memories, chats, layers, stats, args.gate_open, args.reply_weight)[0].items():
+                    per[i] += loss.item() * len(chats) / len(val)
+                for name in gate:
+                    gate[name] += stats[name] * len(chats) / len(val)
+        history["val"].append({"step": step, "unexplained": per, "mean": sum(per.values()) / len(per), "gate": gate})
         print(f"step {step}: val unexplained {sum(per.values()) / len(per):.3f} "
-              f"({', '.join(f'{i}: {v:.2f}' for i, v in per.items())})", flush=True)  # fmt: skip
+              f"({', '.join(f'{i}: {v:.2f}' for i, v in per.items())}); "
+              f"gate on told values {gate['told']:.4f}, elsewhere {gate['other']:.4f}", flush=True)  # fmt: skip
 
     validate(0)
+    if args.gate_steps:
+        gate_optimizer = torch.optim.AdamW([p for m in memories.values() for p in (m.write, m.bias)], lr=1e-2,
+                                           weight_decay=0.0)  # fmt: skip
+        for step in range(1, args.gate_steps + 1):
+            loss = gate_only_loss(memories, rng.sample(train, args.batch_size), layers, args.gate_open)
+            gate_optimizer.zero_grad()
+            loss.backward()
+            # only the gate rows move (the write matrix holds the query, key and value rows too)
+            for m in memories.values():
+                m.write.grad[: 3 * m.heads_n * m.r] = 0
+            gate_optimizer.step()
+            if step % 50 == 0:
+                print(f"gate step {step} loss {loss.item():.3f}", flush=True)
+        history["gate_steps"] = args.gate_steps
+        validate(0)
     for step in range(1, args.steps + 1):
         chats = rng.sample(train, args.batch_size)
-        losses = batch_loss(memories, chats, layers)
-        loss = sum(losses.values()) / len(losses)
+        losses, gate_loss = batch_loss(memories, chats, layers, gate_open=args.gate_open,
+                                       reply_weight=args.reply_weight)  # fmt: skip
+        loss = sum(losses.values()) / len(losses) + args.gate_weight * gate_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        history["steps"].append({"step": step, "loss": loss.item()})
+        history["steps"].append({"step": step, "loss": loss.item(), "gate_loss": gate_loss.item()})
         if step % 25 == 0:
-            print(f"step {step} loss {loss.item():.3f} ({(time.time() - start) / 60:.1f} min)", flush=True)
+            print(f"step {step} loss {loss.item():.3f} gate {gate_loss.item():.3f} "
+                  f"({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
         if step % args.eval_every == 0 or step == args.steps:
             validate(step)
         if (time.time() - start) / 60 > args.max_minutes:
@@ -352,6 +463,7 @@ def main(argv=None):
 
     history["forced_value_top1"] = forced_value_top1(peft_model, tok, val_eps)
     print("forced value top-1 on val:", history["forced_value_top1"], flush=True)
+    (args.out / "history.json").write_text(json.dumps(history, indent=1))  # again below, with the engine's figures
     if args.engine_val:
         from benchmarks import open_recall
 

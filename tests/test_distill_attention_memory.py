@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from peft_deltamem.tiny_models import tiny_model
@@ -72,11 +73,48 @@ def test_trained_correction_is_what_the_adapter_adds():
     peft_model(input_ids=torch.tensor([history]), memory=mem)
     with_memory = _read(peft_model, query, mem)
     without = _read(peft_model, query, None)
-    chat = {"hist": hist_states, "query": query_states, "delta": {1: (with_memory - without)}}
+    told = torch.zeros(14, dtype=torch.bool)
+    told[5:7] = True
+    chat = {"hist": hist_states, "query": query_states, "delta": {1: (with_memory - without)}, "told": told}
     assert (with_memory - without).abs().max() > 1e-3
-    assert dam.batch_loss({1: memory}, [chat], [1])[1].item() < 1e-4  # fp16 cached states: rounding only
+    assert dam.batch_loss({1: memory}, [chat], [1])[0][1].item() < 1e-4  # fp16 cached states: rounding only
     chat["delta"] = {1: 2 * (with_memory - without)}
-    assert dam.batch_loss({1: memory}, [chat], [1])[1].item() > 0.2
+    assert dam.batch_loss({1: memory}, [chat], [1])[0][1].item() > 0.2
+    # right on the reply (the last 2 positions) only: the loss weighted to the reply is nearly zero
+    chat["delta"][1][-2:] = (with_memory - without)[-2:]
+    chat["reply"] = 2
+    assert dam.batch_loss({1: memory}, [chat], [1])[0][1].item() > 0.1
+    assert dam.batch_loss({1: memory}, [chat], [1], reply_weight=1e6)[0][1].item() < 1e-4
+
+
+def test_gate_loss_asks_the_gate_to_open_on_the_told_values_only():
+    model = tiny_model("llama")
+    (states,), _ = dam.frozen_pass(model, [list(range(3, 17))], [1])
+    hist = states[1].float()
+    told = torch.zeros(14, dtype=torch.bool)
+    told[5:7] = True
+    chat = {"hist": {1: hist}, "query": {1: hist[:3]}, "delta": {1: torch.zeros(3, 64)}, "told": told}
+    memory = dam.LayerMemory(model.model.layers[1].self_attn, r=16, beta_bias=-4.0)
+    stats = {}
+    _, shut = dam.batch_loss({1: memory}, [chat], [1], stats, gate_open=1.0)
+    assert dam.gate_only_loss({1: memory}, [chat], [1], gate_open=1.0).item() == pytest.approx(shut.item())
+    assert stats["told"] == pytest.approx(stats["other"])  # W_β starts at zero: one gate everywhere
+    gate_rows = memory.write[3 * memory.heads_n * memory.r :]
+    with torch.no_grad():  # a gate that reads one coordinate that only the told tokens have large
+        hist[:, 0] = torch.where(told, 10.0, 0.0)
+        gate_rows[:, 0] = 1.0
+    _, opened = dam.batch_loss({1: memory}, [chat], [1], stats, gate_open=1.0)
+    assert opened < shut and stats["told"] > 0.99 and stats["other"] < 0.02
+    assert dam.spelled_positions([1, 7, 8, 2, 7, 9], ["ab"], _Tok({" ab": [7, 8], "ab": [9]})).tolist() == [
+        False, True, True, False, False, True]  # fmt: skip
+
+
+class _Tok:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def encode(self, text, add_special_tokens=False):
+        return self.vocab[text]
 
 
 def _read(peft_model, query, mem):

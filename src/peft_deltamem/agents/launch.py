@@ -41,4 +41,6 @@ def launch_server(args: list[str], timeout: float = 300, env: dict | None = None
         except OSError:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"the server did not answer within {timeout:.0f} s")
+    process.wait()
+    log.seek(0)
+    raise RuntimeError(f"the server did not answer within {timeout:.0f} s; its output: {log.read()[-3000:]}")
