@@ -165,11 +165,7 @@ def hidden_positions(teacher, s, m, value, tok, target):
         return hidden
     if value is None:
         return hidden
-    for spelled in (" " + value, value):
-        ids = tok.encode(spelled, add_special_tokens=False)
-        for i in range(s, len(teacher) - m - len(ids) + 1):
-            if teacher[i : i + len(ids)] == ids:
-                hidden[i : i + len(ids)] = True
+    hidden[s : len(teacher) - m] = spelled_positions(teacher[s : len(teacher) - m], [value], tok)
     return hidden
 
 
@@ -270,22 +266,36 @@ class LayerMemory:
 
 def gate_only_loss(memories, chats, layers, gate_open):
     """The gate loss of :func:`batch_loss` alone: the write gates' logits need no scan."""
-    import torch
     import torch.nn.functional as F
 
     losses = []
     for i in layers:
         hist, mask = pad([c["hist"][i] for c in chats])
-        told = torch.zeros_like(mask)
-        for row, c in enumerate(chats):
-            told[row, : len(c["told"])] = c["told"]
         memory = memories[i]
         logits = F.linear(hist, memory.write[3 * memory.heads_n * memory.r :]) + memory.bias
-        bce = F.binary_cross_entropy_with_logits(logits, told[..., None].float().expand_as(logits) * gate_open,
-                                                 reduction="none")  # fmt: skip
-        neg = bce[mask & ~told].mean()
-        losses.append(bce[told].mean() + neg if told.any() else neg)
+        losses.append(balanced_gate_loss(logits, told_mask(chats, mask)[..., None], mask[..., None], gate_open))
     return sum(losses) / len(losses)
+
+
+def told_mask(chats, hist_mask):
+    """The told values' positions of a batch, shaped like its padded history mask (B, T)."""
+    import torch
+
+    told = torch.zeros_like(hist_mask)
+    for row, c in enumerate(chats):
+        told[row, : len(c["told"])] = c["told"]
+    return told
+
+
+def balanced_gate_loss(logits, told, valid, gate_open):
+    """Cross-entropy of the write gates (``logits``) against ``gate_open`` on the ``told`` positions and 0 on the
+    other ``valid`` ones, each side averaged on its own (the told values' tokens are about 1 % of a history)."""
+    import torch.nn.functional as F
+
+    told, valid = told.expand_as(logits), valid.expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, told.float() * gate_open, reduction="none")
+    neg = bce[valid & ~told].mean()
+    return bce[told].mean() + neg if told.any() else neg
 
 
 def pad(tensors):
@@ -307,23 +317,17 @@ def batch_loss(memories, chats, layers, gate_stats=None, gate_open=0.5, reply_we
     the told values' tokens and 0 elsewhere. ``gate_stats`` (a dict) receives the mean
     gate on the told values' tokens and on the others."""
     import torch
-    import torch.nn.functional as F
 
     from peft_deltamem import ops
 
     inputs = [memories[i].write_inputs(pad([c["hist"][i] for c in chats])[0]) for i in layers]
     hist_mask = pad([c["hist"][layers[0]] for c in chats])[1]
-    told = torch.zeros_like(hist_mask)
-    for row, c in enumerate(chats):
-        told[row, : len(c["told"])] = c["told"]
+    told = told_mask(chats, hist_mask)
     k, v, logits = (torch.cat(parts, dim=1) for parts in zip(*inputs))
-    # balanced: the told values' tokens are about 1 % of the history
-    target = told[:, None, :, None].expand_as(logits).float() * gate_open
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    pos, neg = told[:, None, :, None].expand_as(logits), (hist_mask & ~told)[:, None, :, None].expand_as(logits)
-    gate_loss = bce[pos].mean() + bce[neg].mean() if pos.any() else bce[neg].mean()
+    gate_loss = balanced_gate_loss(logits, told[:, None, :, None], hist_mask[:, None, :, None], gate_open)
     beta = torch.sigmoid(logits)
     if gate_stats is not None:
+        pos, neg = told[:, None, :, None].expand_as(beta), (hist_mask & ~told)[:, None, :, None].expand_as(beta)
         gate_stats["told"] = beta[pos].mean().item() if pos.any() else float("nan")
         gate_stats["other"] = beta[neg].mean().item()
     state = torch.zeros(k.shape[0], k.shape[1], k.shape[3], k.shape[3])
