@@ -252,6 +252,16 @@ class LayerMemory:
         _, k, v, gate = (self.heads(p) for p in F.linear(hist, self.write).split(self.heads_n * self.r, dim=-1))
         return F.normalize(torch.tanh(k), dim=-1), v, gate + self.bias.view(self.heads_n, 1, self.r)
 
+    def written(self, hist):
+        """The memory (1, H, r, r) after writing one chat's history states ``hist`` (T, d)."""
+        import torch
+
+        from peft_deltamem import ops
+
+        k, v, logits = self.write_inputs(hist.float()[None])
+        state, valid = torch.zeros(1, k.shape[1], self.r, self.r), torch.ones(1, k.shape[2], dtype=torch.bool)
+        return ops.delta_rule(k, k, v, torch.sigmoid(logits), state, valid, impl="fused_recurrent")[1]
+
     def correction(self, final, query):
         """``s · Δ_o · read`` (s = 1) of ``query`` states (B, Tq, d) reading the memory ``final`` (B, H, r, r)."""
         import torch
@@ -296,6 +306,25 @@ def balanced_gate_loss(logits, told, valid, gate_open):
     bce = F.binary_cross_entropy_with_logits(logits, told.float() * gate_open, reduction="none")
     neg = bce[valid & ~told].mean()
     return bce[told].mean() + neg if told.any() else neg
+
+
+def from_adapter(model, adapter_dir, layers, r):
+    """The :class:`LayerMemory` of each of ``layers`` carrying a saved adapter's weights (the inverse of
+    :func:`to_adapter`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    memories = {}
+    for i in layers:
+        memory = LayerMemory(model.model.layers[i].self_attn, r, 0.0)
+        prefix = f"base_model.model.model.layers.{i}.self_attn.delta_mem_"
+        with torch.no_grad():
+            memory.write.copy_(weights[prefix + "write.weight"])
+            memory.bias.copy_(weights[prefix + "beta_bias"])
+            memory.out.copy_(weights[prefix + "out.weight"])
+        memories[i] = memory
+    return memories
 
 
 def pad(tensors):

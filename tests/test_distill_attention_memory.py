@@ -58,7 +58,7 @@ def test_value_target_hides_only_the_values_tokens_outside_the_window():
     assert dam.hidden_positions(row, 1, 3, "Mila", Tok(), "history").nonzero().flatten().tolist() == list(range(1, 7))
 
 
-def test_trained_correction_is_what_the_adapter_adds():
+def test_trained_correction_is_what_the_adapter_adds(tmp_path):
     model = tiny_model("llama")
     generator = torch.Generator().manual_seed(1)
     history = torch.randint(3, 100, (14,), generator=generator).tolist()
@@ -69,9 +69,15 @@ def test_trained_correction_is_what_the_adapter_adds():
         for p in memory.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
     peft_model = dam.to_adapter(model, {1: memory}, [1], r=16)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = dam.from_adapter(model, tmp_path / "adapter", [1], r=16)[1]  # the inverse of to_adapter
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), memory.parameters(), strict=True))
     mem = peft_model.new_memory(1)
     peft_model(input_ids=torch.tensor([history]), memory=mem)
     with_memory = _read(peft_model, query, mem)
+    # the memory the probes write from cached states is the one the adapter wrote (fp16 cached states: rounding)
+    (state,) = mem.states.values()  # one adapted layer
+    assert torch.allclose(memory.written(hist_states[1]), state, atol=1e-3)
     without = _read(peft_model, query, None)
     told = torch.zeros(14, dtype=torch.bool)
     told[5:7] = True

@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import distill_attention_memory as dam  # noqa: E402
 from benchmarks import open_facts  # noqa: E402
-from peft_deltamem import ops  # noqa: E402
 from peft_deltamem.real_model import load_smollm2  # noqa: E402
 from train_open_memory import served_layout  # noqa: E402
 
@@ -26,16 +24,7 @@ model, tok = load_smollm2(cache=False)
 data = torch.load(cache, weights_only=True)
 layers, n_val = data["key"]["layers"], data["key"]["n_val"]
 val, episodes = data["val"], open_facts.generate_episodes("val", n_val, None, seed=0)
-weights = load_file(adapter / "adapter_model.safetensors")
-memories = {}
-for i in layers:
-    memory = dam.LayerMemory(model.model.layers[i].self_attn, 64, -6.0)
-    prefix = f"base_model.model.model.layers.{i}.self_attn.delta_mem_"
-    with torch.no_grad():
-        memory.write.copy_(weights[prefix + "write.weight"])
-        memory.bias.copy_(weights[prefix + "beta_bias"])
-        memory.out.copy_(weights[prefix + "out.weight"])
-    memories[i] = memory
+memories = dam.from_adapter(model, adapter, layers, 64)
 rows = {i: {"delta": [], "corr": []} for i in layers}
 with torch.no_grad():
     for chat, episode in zip(val, episodes, strict=True):
@@ -48,9 +37,7 @@ with torch.no_grad():
         at = len(prompt) + int(spelled[0]) - 1  # the position whose next token is the value's first
         window = torch.arange(len(prompt))[chat["delta"][layers[0]][: len(prompt)].abs().sum(-1) > 0]
         for i in layers:
-            k, v, logits = memories[i].write_inputs(chat["hist"][i].float()[None])
-            state, valid = torch.zeros(1, k.shape[1], 64, 64), torch.ones(1, k.shape[2], dtype=torch.bool)
-            _, final = ops.delta_rule(k, k, v, torch.sigmoid(logits), state, valid, impl="fused_recurrent")
+            final = memories[i].written(chat["hist"][i])
             corr = memories[i].correction(final, chat["query"][i].float()[None])[0]
             delta = chat["delta"][i].float()
             for name, size in (("delta", delta.norm(dim=-1)), ("corr", corr.norm(dim=-1))):
