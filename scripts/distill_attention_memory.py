@@ -327,6 +327,15 @@ def from_adapter(model, adapter_dir, layers, r):
     return memories
 
 
+def split_episodes(key, split):
+    """The chats of ``split`` ("train" or "val") that a run (or its ``--cache`` file's key) trains or validates on."""
+    from benchmarks import open_facts
+
+    if split == "train":
+        return open_facts.generate_episodes("train", key["pool"], None, seed=key["seed"])
+    return open_facts.generate_episodes("val", key["n_val"], None, seed=0)
+
+
 def pad(tensors):
     import torch
 
@@ -401,7 +410,6 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from benchmarks import open_facts
     from peft_deltamem.real_model import load_smollm2
 
     torch.set_num_threads(args.threads)
@@ -411,9 +419,8 @@ def main(argv=None):
     model, tok = load_smollm2(cache=False)
     layers = layer_list(args.layers)
     r = model.model.layers[0].self_attn.head_dim
-    train_eps = open_facts.generate_episodes("train", args.pool, None, seed=args.seed)
-    val_eps = open_facts.generate_episodes("val", args.n_val, None, seed=0)
     key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed, "layers": layers, "target": args.target}
+    train_eps, val_eps = split_episodes(key, "train"), split_episodes(key, "val")
     if args.cache and args.cache.exists():
         cached = torch.load(args.cache, weights_only=True)
         if cached["key"] != key:

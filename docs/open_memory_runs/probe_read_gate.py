@@ -16,7 +16,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import distill_attention_memory as dam  # noqa: E402
-from benchmarks import open_facts  # noqa: E402
 from peft_deltamem.real_model import load_smollm2  # noqa: E402
 from train_open_memory import served_layout  # noqa: E402
 
@@ -24,8 +23,7 @@ cache, adapter = Path(sys.argv[1]), Path(sys.argv[2])
 torch.set_num_threads(2)
 model, tok = load_smollm2(cache=False)
 data = torch.load(cache, weights_only=True)
-layers, n_val = data["key"]["layers"], data["key"]["n_val"]
-val, episodes = data["val"], open_facts.generate_episodes("val", n_val, None, seed=0)
+layers, val, episodes = data["key"]["layers"], data["val"], dam.split_episodes(data["key"], "val")
 memories = dam.from_adapter(model, adapter, layers, 64)
 
 finals, where = {}, {"mode": "none"}

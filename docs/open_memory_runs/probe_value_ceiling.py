@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import distill_attention_memory as dam  # noqa: E402
-from benchmarks import open_facts  # noqa: E402
 from peft_deltamem.real_model import load_smollm2  # noqa: E402
 from train_open_memory import served_layout  # noqa: E402
 
@@ -31,11 +30,10 @@ data = torch.load(args.cache, weights_only=True)
 key, layers = data["key"], data["key"]["layers"]
 
 
-def samples(chats, split, n):
+def samples(split):
     """Per told answer: (prompt + reply up to the value, value's first token, {layer: value state}, {layer: δ})."""
     out = []
-    for chat, episode in zip(chats, open_facts.generate_episodes(split, n, None, seed=key["seed"] if split == "train"
-                                                                 else 0), strict=True):  # fmt: skip
+    for chat, episode in zip(data[split], dam.split_episodes(key, split), strict=True):
         if episode.value is None:
             continue
         writes, prompt, answer = served_layout(episode, tok)
@@ -50,8 +48,7 @@ def samples(chats, split, n):
     return out
 
 
-train = samples(data["train"], "train", key["pool"])
-val = samples(data["val"], "val", key["n_val"])
+train, val = samples("train"), samples("val")
 maps, unexplained = {}, {}
 for i in layers:
     x = torch.stack([s[2][i] for s in train])
