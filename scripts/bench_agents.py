@@ -98,9 +98,9 @@ def message(session: int, turn: int) -> str:
     return " ".join(WORDS[(session * 7 + turn * 3 + i) % len(WORDS)] for i in range(6))
 
 
-def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float) -> list[float]:
-    """Every session plays ``turns`` concurrently (one thread each); returns the latency of every turn."""
-    latencies: list[float] = []
+def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float) -> list[tuple[int, float]]:
+    """Every session plays ``turns`` concurrently (one thread each); returns (turn, latency) of every turn."""
+    latencies: list[tuple[int, float]] = []
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -115,7 +115,7 @@ def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float)
             with lock:
                 if status != 200:
                     errors.append(str(answer))
-                latencies.append(elapsed)
+                latencies.append((t, elapsed))
 
     threads = [threading.Thread(target=session_loop, args=(s,)) for s in range(sessions)]
     for thread in threads:
@@ -127,6 +127,34 @@ def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float)
     return latencies
 
 
+PHASES = ("write", "prefill", "decode")
+
+
+def server_totals(url: str) -> dict[str, float]:
+    """The server's own totals from GET /metrics: seconds of its model batches by phase, prompt tokens encoded and
+    reply tokens generated."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    totals = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "peft_deltamem_batch_phase_seconds_sum":
+                totals[sample.labels["phase"] + "_s"] = sample.value
+            elif sample.name in ("peft_deltamem_prompt_tokens_total", "peft_deltamem_generated_tokens_total"):
+                totals[sample.name.removeprefix("peft_deltamem_").removesuffix("_total")] = sample.value
+    return totals
+
+
+def add_totals(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
+
+
 def run_config(args, name: str, extra: list[str], workdir: Path) -> dict:
     extra = [a.format(window=args.window) for a in extra]
     sessions_dir = workdir / name.replace(" ", "_")
@@ -136,6 +164,7 @@ def run_config(args, name: str, extra: list[str], workdir: Path) -> dict:
     latencies = play(url, args.sessions, range(half), args.max_tokens, args.timeout)
     wall = time.perf_counter() - wall
     peak = peak_rss_mib(process.pid)
+    totals = server_totals(url)
     restart = None
     if half < args.turns:
         process.send_signal(signal.SIGKILL)
@@ -149,16 +178,23 @@ def run_config(args, name: str, extra: list[str], workdir: Path) -> dict:
         latencies += play(url, args.sessions, range(half, args.turns), args.max_tokens, args.timeout)
         wall += time.perf_counter() - second
         peak = max(peak, peak_rss_mib(process.pid))
+        totals = add_totals(totals, server_totals(url))
         restart = {"after_turn": half, "restart_s": restart_s, "messages_lost": lost}
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     turns = args.sessions * args.turns
+    every = [latency for _, latency in latencies]
+    edge = min(5, args.turns // 2)  # the first and the last turns of every session
     return {
         "turns": turns,
         "wall_s": wall,
         "turns_per_s": turns / wall,
-        "p50_s": statistics.median(latencies),
-        "p95_s": statistics.quantiles(latencies, n=20)[-1],
+        "p50_s": statistics.median(every),
+        "p95_s": p95(every),
+        "p95_first_turns_s": p95([x for t, x in latencies if t < edge]),
+        "p95_last_turns_s": p95([x for t, x in latencies if t >= args.turns - edge]),
+        "edge_turns": edge,
+        "server": totals,
         "peak_rss_mib": peak,
         "restart": restart,
     }
@@ -196,7 +232,26 @@ def markdown(results: dict) -> str:
         "Latency is per turn as the client sees it (queueing included). The memory configuration keeps the prompt "
         "at the window; full-history prompting re-reads every earlier message at every turn.",
         "",
+        "Where the server's time went (its own `/metrics`, summed over its model batches): writing the messages that "
+        "left the window into memory, prefill (generate's start to its first new token: the window re-encoded, and "
+        "the first step), decode (the rest); tokens per turn; p95 latency over the first and the last turns of the "
+        "sessions (a memory turn should cost the same at turn 200 as at turn 5).",
+        "",
+        "| configuration | write | prefill | decode | prompt tokens / turn | reply tokens / turn | "
+        "p95, first turns | p95, last turns |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    for name, r in results["configs"].items():
+        server, edge = r["server"], r["edge_turns"]
+        total = sum(server.get(p + "_s", 0.0) for p in PHASES) or float("nan")
+        shares = " | ".join(f"{server.get(p + '_s', 0.0):.1f} s ({server.get(p + '_s', 0.0) / total:.0%})"
+                            for p in PHASES)  # fmt: skip
+        lines.append(
+            f"| {name} | {shares} | {server.get('prompt_tokens', 0) / r['turns']:.0f} | "
+            f"{server.get('generated_tokens', 0) / r['turns']:.1f} | {r['p95_first_turns_s'] * 1e3:.0f} ms "
+            f"(turns 1–{edge}) | {r['p95_last_turns_s'] * 1e3:.0f} ms (last {edge}) |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -165,6 +165,22 @@ def test_concurrent_sessions_in_one_batch_equal_each_session_alone(model, tokeni
     alone.close(), batched.close()
 
 
+def test_each_batch_reports_what_it_wrote_encoded_and_generated_and_its_time_by_phase(
+    model, tokenizer, tmp_path, one_thread
+):
+    engine = engine_for(model, tokenizer, tmp_path)
+    seen = []
+    engine.on_batch = seen.append
+    results = [engine.chat("s", [{"role": "user", "content": t}], PARAMS) for t in USER_TURNS[:4]]
+    assert len(seen) == 4
+    for stats, result in zip(seen, results, strict=True):
+        assert (stats.sessions, stats.prompt_tokens) == (1, result.prompt_tokens)
+        assert (stats.tokens_written, stats.new_tokens) == (result.written_tokens, result.completion_tokens)
+        assert stats.write_s >= 0 and stats.prefill_s > 0 and stats.decode_s >= 0
+    assert seen[0].tokens_written == 0 and sum(s.tokens_written for s in seen) > 0  # the window filled, then left
+    engine.close()
+
+
 def test_two_requests_on_one_session_never_interleave(model, tokenizer, tmp_path, one_thread):
     engine = engine_for(model, tokenizer, tmp_path, max_batch_size=4, batch_wait_s=0.2)
     futures = [engine.submit("s", [{"role": "user", "content": t}], PARAMS) for t in USER_TURNS[:4]]

@@ -373,6 +373,11 @@ def test_metrics_count_requests_batches_tokens_written_and_sessions(app_client):
     assert value('peft_deltamem_request_seconds_count{route="/v1/chat/completions"}') == 4
     assert value("peft_deltamem_batch_sessions_count") == 3
     assert value("peft_deltamem_tokens_written_total") > 0  # window 2: the first turns left it by turn 3
+    assert value("peft_deltamem_prompt_tokens_total") > 0
+    assert 0 < value("peft_deltamem_generated_tokens_total") <= 3 * MAX_TOKENS
+    for phase in ("write", "prefill", "decode"):
+        assert value(f'peft_deltamem_batch_phase_seconds_count{{phase="{phase}"}}') == 3
+    assert value('peft_deltamem_batch_phase_seconds_sum{phase="prefill"}') > 0
     assert value("peft_deltamem_sessions") == 1
 
 

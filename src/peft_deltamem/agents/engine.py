@@ -55,6 +55,23 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class BatchStats:
+    """What one model batch of turns did, handed to :attr:`ChatEngine.on_batch` (the server's metrics).
+
+    ``prefill_s`` runs from the start of generate to its first new token: encoding the batch's prompts (the
+    window, re-encoded every turn) and the first step; ``decode_s`` is the rest of generate.
+    """
+
+    sessions: int
+    tokens_written: int
+    prompt_tokens: int
+    new_tokens: int
+    write_s: float
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
@@ -120,8 +137,8 @@ class ChatEngine:
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
-        # called after every batch with (sessions in the batch, tokens written): the server's metrics
-        self.on_batch: Callable[[int, int], None] | None = None
+        # called after every batch with its BatchStats: the server's metrics
+        self.on_batch: Callable[[BatchStats], None] | None = None
         self._last_purge = time.monotonic()
 
     # --------------------------------------------------------------------------------------------- API
@@ -313,10 +330,23 @@ class ChatEngine:
                 ready.append((request, record, plan, memory))
             if not ready:
                 return
+            started = time.perf_counter()
             memories = self._write([plan.writes for _, _, plan, _ in ready], [m for *_, m in ready])
-            replies = self._generate([r for r, *_ in ready], [plan.prompt for _, _, plan, _ in ready], memories)
+            clock = _FirstToken()
+            clock.start = time.perf_counter()
+            replies = self._generate(
+                [r for r, *_ in ready], [plan.prompt for _, _, plan, _ in ready], memories, clock
+            )
             if self.on_batch is not None:
-                self.on_batch(len(ready), sum(len(w) for _, _, plan, _ in ready for w in plan.writes))
+                end = time.perf_counter()
+                first = clock.first if clock.first is not None else end
+                self.on_batch(BatchStats(
+                    sessions=len(ready),
+                    tokens_written=sum(len(w) for _, _, plan, _ in ready for w in plan.writes),
+                    prompt_tokens=sum(len(plan.prompt) for _, _, plan, _ in ready),
+                    new_tokens=sum(len(tokens) for tokens, _ in replies),
+                    write_s=clock.start - started, prefill_s=first - clock.start, decode_s=end - first,
+                ))  # fmt: skip
             for (request, record, plan, _), memory, (tokens, finish) in zip(ready, memories, replies):
                 reply = _text(self.tokenizer, tokens)
                 stats = dict(record.stats)
@@ -382,8 +412,9 @@ class ChatEngine:
         return memories
 
     @torch.no_grad()
-    def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory]):
-        """One generate over all rows (left padding), reading the memories without writing."""
+    def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory], clock=None):
+        """One generate over all rows (left padding), reading the memories without writing; ``clock`` (a
+        :class:`_FirstToken`) notes when the first new token came."""
         device = self._device()
         ids, mask = pad_rows(prompts, self.pad_id, "left")
         width = ids.shape[1]
@@ -393,6 +424,8 @@ class ChatEngine:
         if params.temperature > 0:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         streamer = _RowStreamer(self.tokenizer, requests, self.stop_ids) if any(r.on_text for r in requests) else None
+        if clock is not None:
+            clock.inner, streamer = streamer, clock
         kwargs = {"memory": DeltaMemory.cat(memories), "memory_writes": False} if self.memory else {}
         with contextlib.nullcontext() if self.memory else self.model.disable_adapter():
             out = self.model.generate(
@@ -467,6 +500,28 @@ def _segment_writes(model) -> bool:
 
 def _text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+class _FirstToken(BaseStreamer):
+    """A streamer that notes when generate's first new token came (its second ``put``: the first is the prompt)
+    and passes everything on to ``inner`` (another streamer, or None)."""
+
+    def __init__(self) -> None:
+        self.inner: BaseStreamer | None = None
+        self.start = 0.0
+        self.first: float | None = None
+        self.puts = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 class _RowStreamer(BaseStreamer):

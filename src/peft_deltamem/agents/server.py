@@ -20,7 +20,7 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .engine import ChatEngine, GenerationParams
+from .engine import BatchStats, ChatEngine, GenerationParams
 from .session import RequestTooLarge
 from .store import CorruptSession, InvalidSessionId, SessionBusy
 
@@ -244,12 +244,25 @@ class _Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )  # fmt: skip
         written = Counter(prefix + "tokens_written", "tokens written into memory", registry=self.registry)
+        prompt = Counter(prefix + "prompt_tokens", "prompt tokens encoded (the window, every turn)",
+                         registry=self.registry)  # fmt: skip
+        generated = Counter(prefix + "generated_tokens", "reply tokens generated", registry=self.registry)
+        phase = Histogram(
+            prefix + "batch_phase_seconds",
+            "time of one model batch by phase: write (messages that left the window, into memory), prefill "
+            "(generate's start to its first new token: the window re-encoded), decode (the rest)",
+            ["phase"], registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )  # fmt: skip
         sessions = Gauge(prefix + "sessions", "sessions in the store", registry=self.registry)
         sessions.set_function(lambda: len(engine.store.list()))
 
-        def on_batch(size: int, tokens: int) -> None:
-            batch.observe(size)
-            written.inc(tokens)
+        def on_batch(stats: BatchStats) -> None:
+            batch.observe(stats.sessions)
+            written.inc(stats.tokens_written)
+            prompt.inc(stats.prompt_tokens)
+            generated.inc(stats.new_tokens)
+            for name in ("write", "prefill", "decode"):
+                phase.labels(name).observe(getattr(stats, name + "_s"))
 
         engine.on_batch = on_batch
 
