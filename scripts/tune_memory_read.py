@@ -1,0 +1,326 @@
+"""Tune a trained memory's read through the model's own next token (open-vocabulary study, docs/open_memory.md).
+
+The attention-transfer runs (``scripts/distill_attention_memory.py``, a3-a5) leave a memory whose write gate keeps
+the told values and whose read points roughly the way the model's attention to them would, yet the model's next
+token where the value is due does not move: squared error to that attention is the wrong objective. This script
+starts from such an adapter and trains its **read** (each adapted layer's query rows W_mq and output map Δ_o; the
+write side, W_mk, W_mv, W_β and b_β, stays as it is) on what the model says:
+
+- the history is written into memory exactly as the chat engine writes it (one call per message that left a window
+  of two, through the adapted layers), once per chat before training (the write side does not change);
+- the window-only prompt plus the target reply is read through the adapted layers (from the frozen states below the
+  first adapted one: ``training.frozen_prefix``); the loss is the cross-entropy of the value's tokens where they are
+  due, plus, at the reply's other positions (and every position of replies to questions about something never
+  told), ``--kl-weight`` times the KL from the frozen model (adapters off) or ``--reply-weight`` times the target
+  reply's cross-entropy;
+- ``--general-weight``: a KL from the frozen model on general prompts read with a training chat's memory.
+
+Validation (val split: values and kinds never trained) reports the forced next token where the value is due and
+the reply's first token, every ``--eval-every`` steps; the step with the most of both together is kept. At the end
+the adapter is measured through the chat engine (``benchmarks.open_recall``: replies with the history only in memory,
+visible and in memory, and general questions with an unrelated chat in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--init", type=Path, required=True, help="adapter directory to start from (e.g. outputs/a5/adapter)")
+    p.add_argument("--pool", type=int, default=600, help="training chats (train split)")
+    p.add_argument("--n-val", type=int, default=48, help="val chats (values and kinds never trained)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument(
+        "--reply-weight", type=float, default=0.0,
+        help="> 0: the target reply's cross-entropy at its other positions (its wording), weighted so, instead of the "
+        "KL from the frozen model there",
+    )  # fmt: skip
+    p.add_argument(
+        "--general-weight", type=float, default=0.0,
+        help="weight of a KL from the frozen model on its own greedy replies to general prompts (arithmetic, word "
+        "tasks, small talk; none of the evaluation's questions), read with a training chat's memory (0: off)",
+    )  # fmt: skip
+    p.add_argument("--general-batch", type=int, default=8, help="general prompts per step")
+    p.add_argument("--cache", type=Path, help="file of the written memories: loaded when it exists, else written")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--max-minutes", type=float, default=45.0, help="stop training after this long (set-up included)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-val", type=int, default=48, help="val chats replied to through the chat engine at the end")
+    p.add_argument("--out", type=Path, required=True, help="output directory (adapter, history.json)")
+    return p.parse_args(argv)
+
+
+def chat_items(peft_model, tok, episodes, batch_size=16):
+    """Per chat: the memory after its history (``(layer, adapter) -> (H, r, r)``), the frozen states entering the
+    first adapted layer of its window-only prompt plus reply (minus the last token), the reply's tokens, and a
+    bool mask over them of the value's tokens."""
+    import torch
+
+    from peft_deltamem.training.frozen_prefix import cached_message_writes, frozen_hidden
+    from train_open_memory import served_layout, value_span
+
+    items = []
+    for b in range(0, len(episodes), batch_size):
+        chunk = [(e, *served_layout(e, tok)) for e in episodes[b : b + batch_size]]
+        rows = [w for _, writes, _, _ in chunk for w in writes] + [p + a[:-1] for _, _, p, a in chunk]
+        # bf16 matmuls run about twice as fast as float32 on this CPU; the memory itself is float32 whatever the dtype
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = frozen_hidden(peft_model, rows, tok.pad_token_id)
+            per, at = [], 0
+            for _, writes, _, _ in chunk:
+                per.append(hidden[at : at + len(writes)])
+                at += len(writes)
+            states = cached_message_writes(peft_model, per)
+        for j, (episode, _, _, answer) in enumerate(chunk):
+            value = torch.zeros(len(answer), dtype=torch.bool)
+            span = value_span(tok, answer, episode.value) if episode.value is not None else None
+            if span is not None:
+                value[span[0] : span[0] + span[1]] = True
+            items.append({
+                "states": {k: s[j].detach().clone() for k, s in states.items()},
+                "row": hidden[at + j].to(torch.bfloat16), "answer": torch.tensor(answer), "value": value,
+            })  # fmt: skip
+    return items
+
+
+def batch_logits(peft_model, items, memory=True):
+    """Logits (B, K, vocab) at the positions that predict each reply's tokens (right-aligned, K the longest reply)
+    and a (B, K) mask of them; ``memory=False``: the frozen model (adapters off)."""
+    import torch
+
+    from peft_deltamem.training.frozen_prefix import cached_read_logits
+
+    longest = max(len(it["answer"]) for it in items)
+    states = {k: torch.stack([it["states"][k] for it in items]) for k in items[0]["states"]} if memory else None
+    logits = cached_read_logits(peft_model, [it["row"].float() for it in items], states, last=longest)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for j, it in enumerate(items):
+        mask[j, longest - len(it["answer"]) :] = True
+    return logits, mask
+
+
+def right_aligned(items, key, longest, fill):
+    import torch
+
+    out = torch.full((len(items), longest), fill, dtype=items[0][key].dtype)
+    for j, it in enumerate(items):
+        out[j, longest - len(it[key]) :] = it[key]
+    return out
+
+
+def loss_and_hits(peft_model, items, kl_weight, reply_weight=0.0):
+    """(loss, stats) of a batch. The loss: the value tokens' cross-entropy, plus at the reply's other positions
+    either ``kl_weight`` times the KL from the frozen model (``reply_weight`` 0) or ``reply_weight`` times the target
+    reply's cross-entropy (its wording: "Your bike's colour is ...", "You haven't told me ..."). The stats: value CE,
+    KL elsewhere, forced hits on each value's first token (and how many), and hits on each reply's first token."""
+    import torch
+    import torch.nn.functional as F
+
+    logits, mask = batch_logits(peft_model, items)
+    with torch.no_grad():
+        frozen, _ = batch_logits(peft_model, items, memory=False)
+    longest = mask.shape[1]
+    answer = right_aligned(items, "answer", longest, 0)
+    value = right_aligned(items, "value", longest, False) & mask
+    logp = logits.float().log_softmax(-1)
+    ce = -logp.gather(-1, answer[..., None])[..., 0]
+    value_ce = ce[value].mean() if value.any() else logits.new_zeros(())
+    other = mask & ~value
+    kl = F.kl_div(logp[other], frozen.float().log_softmax(-1)[other], log_target=True, reduction="batchmean")
+    loss = value_ce + (reply_weight * ce[other].mean() if reply_weight else kl_weight * kl)
+    first = value & ~torch.cat([value.new_zeros(len(items), 1), value[:, :-1]], dim=1)  # each value's first token
+    right = logits.argmax(-1) == answer
+    start = mask & ~torch.cat([mask.new_zeros(len(items), 1), mask[:, :-1]], dim=1)  # each reply's first token
+    stats = {"value_ce": value_ce.item(), "kl": kl.item(), "hits": right[first].sum().item(), "n": int(first.sum()),
+             "start_hits": right[start].sum().item()}  # fmt: skip
+    return loss, stats
+
+
+def general_items(peft_model, tok, seed):
+    """The no-harm rows: each general prompt with the frozen model's greedy reply, as states entering the first
+    adapted layer (prompt plus reply minus its last token) and the reply's tokens."""
+    import torch
+
+    from benchmarks import open_facts
+    from peft_deltamem.training.episodes import tokenize_prompt_and_answer
+    from peft_deltamem.training.frozen_prefix import frozen_hidden
+    from train_open_memory import general_prompts, greedy_replies
+
+    prompts = general_prompts(open_facts, random.Random(seed))
+    replies = greedy_replies(peft_model, tok, prompts)
+    rows = [tokenize_prompt_and_answer([{"role": "user", "content": p}], {"role": "assistant", "content": r}, tok)
+            for p, r in zip(prompts, replies, strict=True)]  # fmt: skip
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = frozen_hidden(peft_model, [p + a[:-1] for p, a in rows], tok.pad_token_id)
+    return [{"row": h.to(torch.bfloat16), "answer": torch.tensor(a)} for h, (_, a) in zip(hidden, rows, strict=True)]
+
+
+def general_kl(peft_model, general, memories):
+    """KL(frozen || adapter) over each general reply's positions, read with the ``memories`` items' states."""
+    import torch
+    import torch.nn.functional as F
+
+    items = [{**g, "states": m["states"]} for g, m in zip(general, memories, strict=True)]
+    logits, mask = batch_logits(peft_model, items)
+    with torch.no_grad():
+        frozen, _ = batch_logits(peft_model, items, memory=False)
+    return F.kl_div(logits.float().log_softmax(-1)[mask], frozen.float().log_softmax(-1)[mask], log_target=True,
+                    reduction="batchmean")  # fmt: skip
+
+
+def read_parameters(peft_model):
+    """The read side of every δ-mem layer: (write weight, its W_mq rows) and Δ_o's weight; everything else frozen."""
+    from peft_deltamem.layer import DeltaMemLayer
+
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    rows, outs = [], []
+    for layer in (m for m in peft_model.modules() if isinstance(m, DeltaMemLayer)):
+        for adapter, setting in layer.settings.items():
+            write = layer.delta_mem_write[adapter].weight
+            rows.append((write, slice(0, setting.width)))
+            outs.append(layer.delta_mem_out[adapter].weight)
+    for p in [w for w, _ in rows] + outs:
+        p.requires_grad_(True)
+    return rows, outs
+
+
+def keep_read_rows(rows):
+    """Zero the gradient of every row of the write projections but W_mq's (``rows`` from :func:`read_parameters`)."""
+    for write, keep in rows:
+        grad = write.grad.clone()
+        write.grad.zero_()
+        write.grad[keep] = grad[keep]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from peft import PeftModel
+    from transformers import get_cosine_schedule_with_warmup
+
+    from distill_attention_memory import split_episodes
+    from peft_deltamem.real_model import load_smollm2
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=False)
+    model, tok = load_smollm2(cache=False)
+    peft_model = PeftModel.from_pretrained(model, args.init, is_trainable=True).eval()
+    key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed}
+    train_eps, val_eps = split_episodes(key, "train"), split_episodes(key, "val")
+    key |= {"init": str(args.init)}
+    if args.cache and args.cache.exists():
+        cached = torch.load(args.cache, weights_only=True)
+        if cached["key"] != key:
+            raise SystemExit(f"{args.cache} holds the memories of {cached['key']}, not of {key}: pass another --cache")
+        train, val = cached["train"], cached["val"]
+    else:
+        train, val = chat_items(peft_model, tok, train_eps), chat_items(peft_model, tok, val_eps)
+        if args.cache:
+            torch.save({"key": key, "train": train, "val": val}, args.cache)
+    history = {"args": {k: str(v) for k, v in vars(args).items()}, "setup_minutes": (time.time() - start) / 60,
+               "steps": [], "val": []}  # fmt: skip
+    print(f"wrote {len(train)} train and {len(val)} val memories in {history['setup_minutes']:.1f} min", flush=True)
+    general = general_items(peft_model, tok, args.seed) if args.general_weight else []
+    if general:
+        print(f"{len(general)} general prompts with the frozen model's replies", flush=True)
+    rows, outs = read_parameters(peft_model)
+    params = [w for w, _ in rows] + outs
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(20, args.steps // 10), args.steps)
+    rng = random.Random(args.seed)
+    best = {"hits": -1}
+
+    # the general prompts' KL is measured with the val chats' memories on a held-out quarter of the prompts
+    general_val, general = general[: len(general) // 4], general[len(general) // 4 :]
+
+    def validate(step):
+        with torch.no_grad():
+            total = {"ce": 0.0, "kl": 0.0, "hits": 0, "n": 0, "general": 0.0, "start": 0}
+            for b in range(0, len(general_val), args.batch_size):
+                chunk = general_val[b : b + args.batch_size]
+                memories = [val[(b + j) % len(val)] for j in range(len(chunk))]
+                total["general"] += general_kl(peft_model, chunk, memories).item() * len(chunk) / len(general_val)
+            for b in range(0, len(val), args.batch_size):
+                chunk = val[b : b + args.batch_size]
+                _, stats = loss_and_hits(peft_model, chunk, args.kl_weight, args.reply_weight)
+                total["ce"] += stats["value_ce"] * stats["n"]
+                total["kl"] += stats["kl"] * len(chunk)
+                total["hits"] += stats["hits"]
+                total["n"] += stats["n"]
+                total["start"] += stats["start_hits"]
+        record = {"step": step, "value_ce": total["ce"] / max(total["n"], 1), "kl": total["kl"] / len(val),
+                  "forced_top1": total["hits"] / max(total["n"], 1), "n": total["n"],
+                  "general_kl": total["general"], "reply_start_top1": total["start"] / len(val)}  # fmt: skip
+        history["val"].append(record)
+        print(f"step {step}: val value CE {record['value_ce']:.3f}, KL elsewhere {record['kl']:.3f}, "
+              f"forced top-1 {record['forced_top1']:.3f} of {record['n']}, general KL {total['general']:.3f}, "
+              f"reply start top-1 {record['reply_start_top1']:.3f}",
+              flush=True)  # fmt: skip
+        if total["hits"] + total["start"] > best["hits"]:  # forced values and reply starts together
+            best.update(hits=total["hits"] + total["start"], step=step, weights=[p.detach().clone() for p in params])
+
+    validate(0)
+    for step in range(1, args.steps + 1):
+        loss, stats = loss_and_hits(peft_model, rng.sample(train, args.batch_size), args.kl_weight, args.reply_weight)
+        if general:
+            g_kl = general_kl(
+                peft_model, rng.sample(general, args.general_batch), rng.sample(train, args.general_batch)
+            )
+            loss = loss + args.general_weight * g_kl
+            stats["general_kl"] = g_kl.item()
+        optimizer.zero_grad()
+        loss.backward()
+        keep_read_rows(rows)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        history["steps"].append({"step": step, "loss": loss.item(), **stats})
+        if step % 10 == 0 or step <= 3:
+            print(f"step {step} loss {loss.item():.3f} value CE {stats['value_ce']:.3f} KL {stats['kl']:.3f} "
+                  f"({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
+        if step % args.eval_every == 0 or step == args.steps or (time.time() - start) / 60 > args.max_minutes:
+            validate(step)
+        if (time.time() - start) / 60 > args.max_minutes:
+            break
+    history["train_minutes"] = (time.time() - start) / 60
+    history["best_step"] = best["step"]
+    with torch.no_grad():
+        for p, w in zip(params, best["weights"], strict=True):
+            p.copy_(w)
+    peft_model.save_pretrained(args.out / "adapter")
+    from train_open_memory import forced_value_top1
+
+    history["forced_value_top1"] = forced_value_top1(peft_model, tok, val_eps)
+    print(f"best step {best['step']}; forced value top-1 on val:", history["forced_value_top1"], flush=True)
+    (args.out / "history.json").write_text(json.dumps(history, indent=1))
+    if args.engine_val:
+        from benchmarks import open_recall
+
+        result = open_recall.evaluate(peft_model, tok, val_eps[: args.engine_val],
+                                      conditions=("memory", "context_memory"), general=True)  # fmt: skip
+        history["engine"] = result
+        print("engine:", json.dumps({k: {a: b for a, b in v.items() if a != "replies"} for k, v in result.items()}),
+              flush=True)  # fmt: skip
+    (args.out / "history.json").write_text(json.dumps(history, indent=1))
+    return history
+
+
+if __name__ == "__main__":
+    main()
