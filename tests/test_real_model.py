@@ -273,3 +273,27 @@ def test_real_model_md_loading_example_runs_as_written(smollm2, monkeypatch):
     memory = namespace["memory"]
     assert not memory.is_empty and sorted(memory.layers) == sorted(memory.states)
     assert sum(t.numel() for t in memory.states.values()) == 1024
+
+
+MEMORY = SHIPPED.parent / "smollm2-135m-memory"
+
+
+def test_shipped_memory_adapter_recalls_unseen_facts_through_the_chat_engine(smollm2):
+    """adapters/smollm2-135m-memory through the chat engine (a window of 2 messages, greedy replies, no started
+    answer) on test-split chats beyond those its card reports (values and kinds of fact never trained): it names
+    told values from memory where the window alone names none, and its replies do not degenerate."""
+    import json
+
+    from benchmarks import open_facts, open_recall
+
+    config = json.loads((MEMORY / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DELTA_MEM" and config["layers_to_transform"] == list(range(18, 30))
+    assert (MEMORY / "adapter_model.safetensors").stat().st_size < 16 * 2**20
+    assert "python scripts/tune_memory_read.py" in (MEMORY / "README.md").read_text()
+    model, tokenizer = smollm2()
+    peft_model = PeftModel.from_pretrained(model, MEMORY).eval()
+    episodes = [e for e in open_facts.generate_episodes("test", 40, start=50_000) if e.value is not None][:24]
+    result = open_recall.evaluate(peft_model, tokenizer, episodes, conditions=("window", "memory"))
+    brief = {c: {k: v for k, v in r.items() if k != "replies"} for c, r in result.items()}
+    assert result["memory"]["recall"] >= result["window"]["recall"] + 0.08, brief
+    assert result["memory"]["degenerate"] <= result["window"]["degenerate"], brief
