@@ -421,16 +421,12 @@ def main(argv=None):
     r = model.model.layers[0].self_attn.head_dim
     key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed, "layers": layers, "target": args.target}
     train_eps, val_eps = split_episodes(key, "train"), split_episodes(key, "val")
-    if args.cache and args.cache.exists():
-        cached = torch.load(args.cache, weights_only=True)
-        if cached["key"] != key:
-            raise SystemExit(f"{args.cache} holds the states of {cached['key']}, not of {key}: pass another --cache")
-        train, val = cached["train"], cached["val"]
-    else:
-        train = cache_chats(model, tok, train_eps, layers, args.target)
-        val = cache_chats(model, tok, val_eps, layers, args.target)
-        if args.cache:
-            torch.save({"key": key, "train": train, "val": val}, args.cache)
+
+    def build():
+        return (cache_chats(model, tok, train_eps, layers, args.target),
+                cache_chats(model, tok, val_eps, layers, args.target))  # fmt: skip
+
+    train, val = load_or_build(args.cache, key, build)
     from train_open_memory import served_layout
 
     for chats, episodes in ((train, train_eps), (val, val_eps)):  # the reply's length (not in older caches)
@@ -499,21 +495,44 @@ def main(argv=None):
     history["train_minutes"] = (time.time() - start) / 60
     peft_model = to_adapter(model, memories, layers, r)
     peft_model.save_pretrained(args.out / "adapter")
+    final_checks(peft_model, tok, val_eps, history, args.out, args.engine_val)
+    return history
+
+
+def load_or_build(path, key, build):
+    """``(train, val)`` from the ``--cache`` file ``path`` when it exists (its key must be ``key``), else ``build()``,
+    written to ``path`` when given."""
+    import torch
+
+    if path and path.exists():
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] != key:
+            raise SystemExit(f"{path} holds the states of {cached['key']}, not of {key}: pass another --cache")
+        return cached["train"], cached["val"]
+    train, val = build()
+    if path:
+        torch.save({"key": key, "train": train, "val": val}, path)
+    return train, val
+
+
+def final_checks(peft_model, tok, val_eps, history, out, engine_val):
+    """The end of a run: the forced value top-1 on val through the real adapter, then replies through the chat engine
+    to the first ``engine_val`` val chats (history only in memory, visible and in memory, general questions), into
+    ``history`` and ``out``/history.json (written after each)."""
     from train_open_memory import forced_value_top1
 
     history["forced_value_top1"] = forced_value_top1(peft_model, tok, val_eps)
     print("forced value top-1 on val:", history["forced_value_top1"], flush=True)
-    (args.out / "history.json").write_text(json.dumps(history, indent=1))  # again below, with the engine's figures
-    if args.engine_val:
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    if engine_val:
         from benchmarks import open_recall
 
-        result = open_recall.evaluate(peft_model, tok, val_eps[: args.engine_val],
+        result = open_recall.evaluate(peft_model, tok, val_eps[:engine_val],
                                       conditions=("memory", "context_memory"), general=True)  # fmt: skip
         history["engine"] = result
         print("engine:", json.dumps({k: {a: b for a, b in v.items() if a != "replies"} for k, v in result.items()}),
               flush=True)  # fmt: skip
-    (args.out / "history.json").write_text(json.dumps(history, indent=1))
-    return history
+        (out / "history.json").write_text(json.dumps(history, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ visible and in memory, and general questions with an unrelated chat in memory).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -213,7 +212,7 @@ def main(argv=None):
     from peft import PeftModel
     from transformers import get_cosine_schedule_with_warmup
 
-    from distill_attention_memory import split_episodes
+    from distill_attention_memory import final_checks, load_or_build, split_episodes
     from peft_deltamem.real_model import load_smollm2
 
     torch.set_num_threads(args.threads)
@@ -225,15 +224,9 @@ def main(argv=None):
     key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed}
     train_eps, val_eps = split_episodes(key, "train"), split_episodes(key, "val")
     key |= {"init": str(args.init)}
-    if args.cache and args.cache.exists():
-        cached = torch.load(args.cache, weights_only=True)
-        if cached["key"] != key:
-            raise SystemExit(f"{args.cache} holds the memories of {cached['key']}, not of {key}: pass another --cache")
-        train, val = cached["train"], cached["val"]
-    else:
-        train, val = chat_items(peft_model, tok, train_eps), chat_items(peft_model, tok, val_eps)
-        if args.cache:
-            torch.save({"key": key, "train": train, "val": val}, args.cache)
+    train, val = load_or_build(
+        args.cache, key, lambda: (chat_items(peft_model, tok, train_eps), chat_items(peft_model, tok, val_eps))
+    )
     history = {"args": {k: str(v) for k, v in vars(args).items()}, "setup_minutes": (time.time() - start) / 60,
                "steps": [], "val": []}  # fmt: skip
     print(f"wrote {len(train)} train and {len(val)} val memories in {history['setup_minutes']:.1f} min", flush=True)
@@ -305,20 +298,8 @@ def main(argv=None):
         for p, w in zip(params, best["weights"], strict=True):
             p.copy_(w)
     peft_model.save_pretrained(args.out / "adapter")
-    from train_open_memory import forced_value_top1
-
-    history["forced_value_top1"] = forced_value_top1(peft_model, tok, val_eps)
-    print(f"best step {best['step']}; forced value top-1 on val:", history["forced_value_top1"], flush=True)
-    (args.out / "history.json").write_text(json.dumps(history, indent=1))
-    if args.engine_val:
-        from benchmarks import open_recall
-
-        result = open_recall.evaluate(peft_model, tok, val_eps[: args.engine_val],
-                                      conditions=("memory", "context_memory"), general=True)  # fmt: skip
-        history["engine"] = result
-        print("engine:", json.dumps({k: {a: b for a, b in v.items() if a != "replies"} for k, v in result.items()}),
-              flush=True)  # fmt: skip
-    (args.out / "history.json").write_text(json.dumps(history, indent=1))
+    print(f"best step {best['step']}", flush=True)
+    final_checks(peft_model, tok, val_eps, history, args.out, args.engine_val)
     return history
 
 
