@@ -8,26 +8,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
 
-from peft_deltamem import DeltaMemConfig
 from peft_deltamem.layer import DeltaMemLayer
-from peft_deltamem.tiny_models import tiny_model
 from peft_deltamem.training.frozen_prefix import cached_message_writes, frozen_hidden
+from test_frozen_prefix import _model as frozen_prefix_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tune_memory_read as tmr  # noqa: E402
 
 
 def _model():
-    config = DeltaMemConfig(task_type="CAUSAL_LM", r=4, num_state_heads=2, layers_to_transform=[2, 3])
-    model = get_peft_model(tiny_model("llama", num_layers=4), config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero Δ heads and gates, so that the memory changes the outputs
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
-    return model.eval()
+    return frozen_prefix_model("token", [2, 3]).eval()  # non-zero Δ heads and gates: the memory changes the outputs
 
 
 def _items(model):

@@ -332,12 +332,11 @@ class ChatEngine:
                 return
             started = time.perf_counter()
             memories = self._write([plan.writes for _, _, plan, _ in ready], [m for *_, m in ready])
-            clock = _FirstToken()
-            clock.start = time.perf_counter()
+            clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
             replies = self._generate(
                 [r for r, *_ in ready], [plan.prompt for _, _, plan, _ in ready], memories, clock
             )
-            if self.on_batch is not None:
+            if clock is not None:
                 end = time.perf_counter()
                 first = clock.first if clock.first is not None else end
                 self.on_batch(BatchStats(
@@ -503,12 +502,13 @@ def _text(tokenizer, tokens: list[int]) -> str:
 
 
 class _FirstToken(BaseStreamer):
-    """A streamer that notes when generate's first new token came (its second ``put``: the first is the prompt)
-    and passes everything on to ``inner`` (another streamer, or None)."""
+    """A streamer that notes when it was made (``start``: just before generate) and when generate's first new
+    token came (its second ``put``: the first is the prompt), and passes everything on to ``inner`` (another
+    streamer, or None)."""
 
     def __init__(self) -> None:
         self.inner: BaseStreamer | None = None
-        self.start = 0.0
+        self.start = time.perf_counter()
         self.first: float | None = None
         self.puts = 0
 
