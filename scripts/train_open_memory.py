@@ -823,6 +823,50 @@ def general_prompts(open_facts, rng) -> list[str]:
     return [p for p in prompts if p not in evaluation]
 
 
+# Questions with a short factual answer, of other types than the evaluation's general questions (no capitals,
+# colours, opposites, months, time units, baby animals, animal sounds, "say/translate/write the word"; arithmetic
+# is shared, as in general_prompts): the no-harm term's factual rows, where a memory that reads too eagerly puts a
+# told value in the answer's place.
+KNOWLEDGE = [
+    "What is the chemical symbol for gold?", "What is the chemical symbol for oxygen?", "What is H2O?",
+    "Who wrote Romeo and Juliet?", "Who painted the Mona Lisa?", "What is the tallest mountain in the world?",
+    "What is the largest ocean on Earth?", "How many continents are there?", "What gas do plants take in?",
+    "What is the main ingredient of bread?", "Which instrument has 88 keys?", "What shape has three sides?",
+    "What is the fastest land animal?", "What do caterpillars turn into?", "What is the square root of 81?",
+    "What do you get when you mix blue and yellow paint?", "Which planet is closest to the sun?",
+    "What is the longest river in Africa?", "Which organ pumps blood through the body?", "What do cows drink?",
+    "What do chickens lay?", "What do spiders spin?", "What is the hardest natural material?",
+    "How many sides does a hexagon have?", "What is the freezing point of water in Fahrenheit?",
+    "Who was the first person to walk on the Moon?", "What is the biggest mammal?", "What do pandas eat?",
+    "Which sense do you use your nose for?", "What is the currency of the United States?",
+    "How many players are on a football team?", "What is the smallest prime number?", "What is 9 squared?",
+    "Which bird is a symbol of peace?", "What do you use to write on a blackboard?", "Where do penguins live?",
+    "What is the centre of an atom called?", "What is the study of stars called?", "What fuels a plant's growth?",
+    "Which season comes after winter?", "What is the plural of mouse?", "What is the past tense of run?",
+    "Which is heavier, a kilogram of feathers or a kilogram of steel?", "What is the top of a wave called?",
+    "How many strings does a violin have?", "What language has the most native speakers?",
+    "In which sport do you use a racket and a shuttlecock?", "What is the boiling point of water in Fahrenheit?",
+]  # fmt: skip
+
+
+def knowledge_prompts(open_facts, rng) -> list[str]:
+    """Factual no-harm prompts (:data:`KNOWLEDGE` and generated ones about train-split countries and words), none of
+    them of the evaluation's general question types."""
+    words = open_facts.split_pool("word", "train")
+    countries = open_facts.split_pool("country", "train")
+    prompts = list(KNOWLEDGE)
+    for c in rng.sample(countries, 30):
+        prompts.append(rng.choice(["What is the currency of {c}?", "What is the largest city in {c}?",
+                                   "What is {c} famous for?"]).format(c=c))  # fmt: skip
+    for w in rng.sample(words, 30):
+        prompts.append(rng.choice(["What is the plural of '{w}'?", "How many letters are in the word '{w}'?",
+                                   "Is '{w}' a noun or a verb?"]).format(w=w))  # fmt: skip
+    for _ in range(10):
+        a, b = rng.randint(3, 12), rng.randint(3, 12)
+        prompts.append(f"What is {a} multiplied by {b}?")
+    return prompts
+
+
 def greedy_replies(model, tok, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     from benchmarks.open_recall import engine_replies
 

@@ -13,7 +13,12 @@ write side, W_mk, W_mv, W_β and b_β, stays as it is) on what the model says:
   due, plus, at the reply's other positions (and every position of replies to questions about something never
   told), ``--kl-weight`` times the KL from the frozen model (adapters off) or ``--reply-weight`` times the target
   reply's cross-entropy;
-- ``--general-weight``: a KL from the frozen model on general prompts read with a training chat's memory.
+- ``--general-weight``: a KL from the frozen model on its greedy replies to general prompts, each alone in the
+  prompt with a training chat's memory (b2), or with ``--general-layout after-chat`` asked as the evaluation asks its
+  general questions: after a training chat's history, its last message in the window and the rest in memory.
+  ``--general-knowledge`` adds factual questions of other types than the evaluation's, ``--general-flip-weight``
+  weighs the positions where the greedy token changes, and ``--max-general-kl`` keeps only a step whose KL on the
+  held-out quarter of the prompts (with the val chats' memories) stays within it.
 
 Validation (val split: values and kinds never trained) reports the forced next token where the value is due and
 the reply's first token, every ``--eval-every`` steps; the step with the most of both together is kept. At the end
@@ -24,6 +29,7 @@ visible and in memory, and general questions with an unrelated chat in memory).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -52,7 +58,30 @@ def parse_args(argv=None):
         help="weight of a KL from the frozen model on its own greedy replies to general prompts (arithmetic, word "
         "tasks, small talk; none of the evaluation's questions), read with a training chat's memory (0: off)",
     )  # fmt: skip
-    p.add_argument("--general-batch", type=int, default=8, help="general prompts per step")
+    p.add_argument("--general-batch", type=int, default=8, help="general rows per step")
+    p.add_argument(
+        "--general-layout", choices=("alone", "after-chat"), default="alone",
+        help="alone (b2): each general prompt alone in the prompt, read with a training chat's memory drawn per step; "
+        "after-chat (b3-b5): asked after a training chat as the evaluation asks its general questions",
+    )  # fmt: skip
+    p.add_argument(
+        "--general-repeat", type=int, default=1,
+        help="each training general prompt is asked after this many different training chats",
+    )  # fmt: skip
+    p.add_argument(
+        "--general-knowledge", action="store_true",
+        help="add factual questions (train_open_memory.knowledge_prompts; other types than the evaluation's) to the "
+        "general prompts",
+    )  # fmt: skip
+    p.add_argument(
+        "--general-flip-weight", type=float, default=0.0,
+        help="add this times each general row's summed KL where the adapter's greedy token is not the frozen "
+        "model's (0: the plain mean KL)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-general-kl", type=float, default=None,
+        help="keep only a validated step whose general KL (held-out prompts after the val chats) is at most this",
+    )  # fmt: skip
     p.add_argument("--cache", type=Path, help="file of the written memories: loaded when it exists, else written")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=45.0, help="stop training after this long (set-up included)")
@@ -149,36 +178,52 @@ def loss_and_hits(peft_model, items, kl_weight, reply_weight=0.0):
     return loss, stats
 
 
-def general_items(peft_model, tok, seed):
-    """The no-harm rows: each general prompt with the frozen model's greedy reply, as states entering the first
-    adapted layer (prompt plus reply minus its last token) and the reply's tokens."""
+def general_items(peft_model, tok, prompts, episodes=None, memories=None):
+    """The no-harm rows: each prompt with the frozen model's greedy reply to it (the target), as the states entering
+    the first adapted layer (prompt plus reply minus its last token) and the reply's tokens.
+
+    With ``episodes`` (``--general-layout after-chat``) prompt ``i`` is asked as the evaluation asks its general
+    questions: after chat ``episodes[i % n]``'s history (the window: its last message and the prompt), read with that
+    chat's memory (``memories[i % n]["states"]``: the same writes, the last message is not written), the target the
+    frozen model's reply to the same window without memory. Without (``alone``, b2's layout) each prompt is alone in
+    the prompt and :func:`general_kl` pairs it with a memory."""
     import torch
 
-    from benchmarks import open_facts
+    from benchmarks.open_recall import engine_replies
     from peft_deltamem.training.episodes import tokenize_prompt_and_answer
     from peft_deltamem.training.frozen_prefix import frozen_hidden
-    from train_open_memory import general_prompts, greedy_replies
 
-    prompts = general_prompts(open_facts, random.Random(seed))
-    replies = greedy_replies(peft_model, tok, prompts)
-    rows = [tokenize_prompt_and_answer([{"role": "user", "content": p}], {"role": "assistant", "content": r}, tok)
-            for p, r in zip(prompts, replies, strict=True)]  # fmt: skip
+    n = len(episodes) if episodes is not None else 1
+    chats = [([] if episodes is None else episodes[i % n].history) + [{"role": "user", "content": p}]
+             for i, p in enumerate(prompts)]  # fmt: skip
+    replies = engine_replies(peft_model, tok, chats, window=2, memory=False, max_new_tokens=40)
+    rows = [tokenize_prompt_and_answer(c[-2:], {"role": "assistant", "content": r}, tok)
+            for c, r in zip(chats, replies, strict=True)]  # fmt: skip
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = frozen_hidden(peft_model, [p + a[:-1] for p, a in rows], tok.pad_token_id)
-    return [{"row": h.to(torch.bfloat16), "answer": torch.tensor(a)} for h, (_, a) in zip(hidden, rows, strict=True)]
+    return [{"row": h.to(torch.bfloat16), "answer": torch.tensor(a),
+             **({} if memories is None else {"states": memories[i % n]["states"]})}
+            for i, (h, (_, a)) in enumerate(zip(hidden, rows, strict=True))]  # fmt: skip
 
 
-def general_kl(peft_model, general, memories):
-    """KL(frozen || adapter) over each general reply's positions, read with the ``memories`` items' states."""
+def general_kl(peft_model, items, memories=None, flip_weight=0.0):
+    """KL(frozen || adapter) over each general reply's positions, read with each item's memory (or, given, the
+    ``memories`` items' states); with ``flip_weight``, plus that times each row's summed KL at the positions where
+    the adapter's greedy token is not the frozen model's (where a greedy reply changes)."""
     import torch
-    import torch.nn.functional as F
 
-    items = [{**g, "states": m["states"]} for g, m in zip(general, memories, strict=True)]
+    if memories is not None:
+        items = [{**g, "states": m["states"]} for g, m in zip(items, memories, strict=True)]
     logits, mask = batch_logits(peft_model, items)
     with torch.no_grad():
         frozen, _ = batch_logits(peft_model, items, memory=False)
-    return F.kl_div(logits.float().log_softmax(-1)[mask], frozen.float().log_softmax(-1)[mask], log_target=True,
-                    reduction="batchmean")  # fmt: skip
+    logp, ref = logits.float().log_softmax(-1), frozen.float().log_softmax(-1)
+    per = (ref.exp() * (ref - logp)).sum(-1)  # (B, K): the KL at each position
+    kl = per[mask].mean()
+    if flip_weight:
+        flips = mask & (logits.argmax(-1) != frozen.argmax(-1))
+        kl = kl + flip_weight * per[flips].sum() / len(items)
+    return kl
 
 
 def read_parameters(peft_model):
@@ -230,25 +275,42 @@ def main(argv=None):
     history = {"args": {k: str(v) for k, v in vars(args).items()}, "setup_minutes": (time.time() - start) / 60,
                "steps": [], "val": []}  # fmt: skip
     print(f"wrote {len(train)} train and {len(val)} val memories in {history['setup_minutes']:.1f} min", flush=True)
-    general = general_items(peft_model, tok, args.seed) if args.general_weight else []
-    if general:
-        print(f"{len(general)} general prompts with the frozen model's replies", flush=True)
+    general, general_val = [], []
+    after_chat = args.general_layout == "after-chat"
+    if not after_chat and (args.general_repeat != 1 or args.general_knowledge):
+        raise SystemExit("--general-repeat and --general-knowledge need --general-layout after-chat")
+    if args.general_weight:
+        from benchmarks import open_facts
+        from train_open_memory import general_prompts, knowledge_prompts
+
+        # a quarter of the prompts is held out, asked after the val chats (measured every --eval-every steps)
+        prompts = general_prompts(open_facts, random.Random(args.seed))
+        if args.general_knowledge:
+            prompts += knowledge_prompts(open_facts, random.Random(args.seed + 1))
+            random.Random(args.seed).shuffle(prompts)
+        held_out, prompts = prompts[: len(prompts) // 4], prompts[len(prompts) // 4 :]
+        if after_chat:
+            order = random.Random(args.seed).sample(range(len(train)), len(train))
+            general = general_items(peft_model, tok, prompts * args.general_repeat, [train_eps[i] for i in order],
+                                    [train[i] for i in order])  # fmt: skip
+            general_val = general_items(peft_model, tok, held_out, val_eps, val)
+        else:  # each prompt alone, read with a memory drawn per step (val: the val chats' in turn)
+            general, general_val = general_items(peft_model, tok, prompts), general_items(peft_model, tok, held_out)
+        print(f"{len(general)} general rows after training chats, {len(general_val)} after val chats, with the frozen "
+              f"model's replies ({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
     rows, outs = read_parameters(peft_model)
     params = [w for w, _ in rows] + outs
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(20, args.steps // 10), args.steps)
     rng = random.Random(args.seed)
-    best = {"hits": -1}
-
-    # the general prompts' KL is measured with the val chats' memories on a held-out quarter of the prompts
-    general_val, general = general[: len(general) // 4], general[len(general) // 4 :]
+    best = {"score": (-1, 0.0)}
 
     def validate(step):
         with torch.no_grad():
             total = {"ce": 0.0, "kl": 0.0, "hits": 0, "n": 0, "general": 0.0, "start": 0}
             for b in range(0, len(general_val), args.batch_size):
                 chunk = general_val[b : b + args.batch_size]
-                memories = [val[(b + j) % len(val)] for j in range(len(chunk))]
+                memories = None if after_chat else [val[(b + j) % len(val)] for j in range(len(chunk))]
                 total["general"] += general_kl(peft_model, chunk, memories).item() * len(chunk) / len(general_val)
             for b in range(0, len(val), args.batch_size):
                 chunk = val[b : b + args.batch_size]
@@ -266,16 +328,20 @@ def main(argv=None):
               f"forced top-1 {record['forced_top1']:.3f} of {record['n']}, general KL {total['general']:.3f}, "
               f"reply start top-1 {record['reply_start_top1']:.3f}",
               flush=True)  # fmt: skip
-        if total["hits"] + total["start"] > best["hits"]:  # forced values and reply starts together
-            best.update(hits=total["hits"] + total["start"], step=step, weights=[p.detach().clone() for p in params])
+        # the most forced values and reply starts together (ties: the lower general KL), among the steps within
+        # --max-general-kl
+        allowed = args.max_general_kl is None or total["general"] <= args.max_general_kl
+        score = (total["hits"] + total["start"], -total["general"])
+        if allowed and score > best["score"]:
+            best.update(score=score, step=step, weights=[p.detach().clone() for p in params])
 
     validate(0)
     for step in range(1, args.steps + 1):
         loss, stats = loss_and_hits(peft_model, rng.sample(train, args.batch_size), args.kl_weight, args.reply_weight)
         if general:
-            g_kl = general_kl(
-                peft_model, rng.sample(general, args.general_batch), rng.sample(train, args.general_batch)
-            )
+            drawn = rng.sample(general, args.general_batch)
+            memories = None if after_chat else rng.sample(train, args.general_batch)
+            g_kl = general_kl(peft_model, drawn, memories, args.general_flip_weight)
             loss = loss + args.general_weight * g_kl
             stats["general_kl"] = g_kl.item()
         optimizer.zero_grad()
@@ -293,6 +359,10 @@ def main(argv=None):
         if (time.time() - start) / 60 > args.max_minutes:
             break
     history["train_minutes"] = (time.time() - start) / 60
+    if "step" not in best:
+        (args.out / "history.json").write_text(json.dumps(history, indent=1))
+        raise SystemExit(f"no validated step had a general KL within --max-general-kl {args.max_general_kl} "
+                         f"(see {args.out / 'history.json'}); nothing saved")  # fmt: skip
     history["best_step"] = best["step"]
     with torch.no_grad():
         for p, w in zip(params, best["weights"], strict=True):

@@ -74,3 +74,62 @@ def test_only_the_read_trains_the_query_rows_and_the_output_map():
         assert write.grad[:width].abs().sum() > 0  # W_mq
         assert write.grad[width:].abs().sum() == 0  # W_mk, W_mv, W_β stay
     assert all(out.grad.abs().sum() > 0 for out in outs)
+
+
+def test_general_rows_are_asked_after_a_chat_as_the_evaluation_asks_them(monkeypatch):
+    """Each general prompt follows a chat's history: the row is the engine's window-of-two prompt (the chat's last
+    message and the prompt) plus the frozen model's greedy reply to it, read with that chat's memory."""
+    from peft import get_peft_model
+
+    import peft_deltamem.training.frozen_prefix as frozen_prefix
+    from benchmarks.open_facts import OpenFactsEpisode
+    from benchmarks.open_recall import engine_replies
+    from peft_deltamem import DeltaMemConfig
+    from peft_deltamem.agents.session import SessionPolicy, plan_turn
+    from peft_deltamem.tiny_models import tiny_model
+    from tokenizers_for_tests import chat_tokenizer
+
+    tok = chat_tokenizer()
+    config = DeltaMemConfig(task_type="CAUSAL_LM", r=4, layers_to_transform=[2, 3])
+    model = get_peft_model(tiny_model("llama", num_layers=4, vocab_size=len(tok)), config).eval()
+    say = [("user", "My bike is red."), ("assistant", "Noted."), ("user", "Hi again"), ("assistant", "Hello!")]
+    episodes = [OpenFactsEpisode(messages=[{"role": r, "content": c} for r, c in say[: 2 + 2 * j]]
+                                 + [{"role": "user", "content": "What colour is my bike?"}],
+                                 kind="bike", value="red", reply="Red.") for j in (0, 1)]  # fmt: skip
+    memories = [{"states": {"chat": j}} for j in (0, 1)]
+    prompts = ["What is 12 plus 30?", "Spell 'cat'.", "Hi there"]
+    seen = []
+    real = frozen_prefix.frozen_hidden
+    monkeypatch.setattr(frozen_prefix, "frozen_hidden", lambda m, rows, pad: seen.extend(rows) or real(m, rows, pad))
+    items = tmr.general_items(model, tok, prompts, episodes, memories)
+    chats = [episodes[i % 2].history + [{"role": "user", "content": p}] for i, p in enumerate(prompts)]
+    replies = engine_replies(model, tok, chats, window=2, memory=False, max_new_tokens=40)
+    for i, (item, chat, row) in enumerate(zip(items, chats, seen, strict=True)):
+        assert item["states"] is memories[i % 2]["states"]
+        prompt = plan_turn([], 0, chat, tok, SessionPolicy(window=2)).prompt
+        answer = item["answer"].tolist()
+        assert row == prompt + answer[:-1]
+        assert tok.decode(answer, skip_special_tokens=True).strip() == replies[i].strip()
+    # b2's layout: each prompt alone, no memory of its own (general_kl pairs one per step)
+    seen.clear()
+    alone = tmr.general_items(model, tok, prompts)
+    for item, prompt, row in zip(alone, prompts, seen, strict=True):
+        assert "states" not in item
+        assert row[: len(row) - len(item["answer"]) + 1] == plan_turn([], 0, [{"role": "user", "content": prompt}], tok,
+                                                                      SessionPolicy(window=2)).prompt  # fmt: skip
+
+
+def test_general_kl_is_the_mean_kl_plus_the_weighted_kl_where_the_greedy_token_changes():
+    model = _model()
+    items = _items(model)
+    logits, mask = tmr.batch_logits(model, items)
+    frozen, _ = tmr.batch_logits(model, items, memory=False)
+    logp, ref = logits.log_softmax(-1), frozen.log_softmax(-1)
+    plain = F.kl_div(logp[mask], ref[mask], log_target=True, reduction="batchmean")
+    torch.testing.assert_close(tmr.general_kl(model, items).detach(), plain.detach(), atol=1e-5, rtol=1e-5)
+    flips = mask & (logits.argmax(-1) != frozen.argmax(-1))
+    assert flips.any()  # the memory changes some greedy tokens of this model
+    per_flip = sum(F.kl_div(logp[j][flips[j]], ref[j][flips[j]], log_target=True, reduction="sum")
+                   for j in range(len(items)))  # fmt: skip
+    torch.testing.assert_close(tmr.general_kl(model, items, flip_weight=3.0).detach(),
+                               (plain + 3.0 * per_flip / len(items)).detach(), atol=1e-5, rtol=1e-5)  # fmt: skip
