@@ -296,8 +296,8 @@ def main(argv=None):
             general_val = general_items(peft_model, tok, held_out, val_eps, val)
         else:  # each prompt alone, read with a memory drawn per step (val: the val chats' in turn)
             general, general_val = general_items(peft_model, tok, prompts), general_items(peft_model, tok, held_out)
-        print(f"{len(general)} general rows after training chats, {len(general_val)} after val chats, with the frozen "
-              f"model's replies ({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
+        print(f"{len(general)} general rows to train on and {len(general_val)} held out ({args.general_layout}), with "
+              f"the frozen model's replies ({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
     rows, outs = read_parameters(peft_model)
     params = [w for w, _ in rows] + outs
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
