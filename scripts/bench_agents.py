@@ -95,7 +95,9 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def message(session: int, turn: int) -> str:
-    return " ".join(WORDS[(session * 7 + turn * 3 + i) % len(WORDS)] for i in range(6))
+    """Session ``session``'s user message at turn ``turn``; numbered, so that no turn repeats the first message (the
+    server would take a request starting with it for a client resending the conversation, and fork there)."""
+    return f"{turn + 1}. " + " ".join(WORDS[(session * 7 + turn * 3 + i) % len(WORDS)] for i in range(6))
 
 
 def play(url: str, sessions: int, turns: range, max_tokens: int, timeout: float) -> list[tuple[int, float]]:
