@@ -850,8 +850,8 @@ KNOWLEDGE = [
 
 
 def knowledge_prompts(open_facts, rng) -> list[str]:
-    """Factual no-harm prompts (:data:`KNOWLEDGE` and generated ones about train-split countries and words), none of
-    them of the evaluation's general question types."""
+    """Factual no-harm prompts (:data:`KNOWLEDGE` and generated ones about train-split countries and words): none of
+    the evaluation's general questions, and none of its question types but arithmetic."""
     words = open_facts.split_pool("word", "train")
     countries = open_facts.split_pool("country", "train")
     prompts = list(KNOWLEDGE)

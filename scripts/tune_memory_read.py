@@ -80,7 +80,8 @@ def parse_args(argv=None):
     )  # fmt: skip
     p.add_argument(
         "--max-general-kl", type=float, default=None,
-        help="keep only a validated step whose general KL (held-out prompts after the val chats) is at most this",
+        help="keep only a validated step whose general KL (the held-out prompts, with the val chats' memories) is at "
+        "most this",
     )  # fmt: skip
     p.add_argument("--cache", type=Path, help="file of the written memories: loaded when it exists, else written")
     p.add_argument("--eval-every", type=int, default=25)
