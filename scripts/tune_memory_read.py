@@ -83,6 +83,16 @@ def parse_args(argv=None):
         help="keep only a validated step whose general KL (the held-out prompts, with the val chats' memories) is at "
         "most this",
     )  # fmt: skip
+    p.add_argument(
+        "--read-gate", action="store_true",
+        help="give the adapter a learned read gate (DeltaMemConfig.read_gate; starts at g = 1, the adapter as it was) "
+        "if --init has none",
+    )  # fmt: skip
+    p.add_argument(
+        "--train", choices=("read", "gate", "read+gate"), default="read",
+        help="what trains: the read (W_mq rows and Δ_o), the read gate only, or both",
+    )  # fmt: skip
+    p.add_argument("--gate-lr", type=float, default=None, help="learning rate of the read gate (default: --lr)")
     p.add_argument("--cache", type=Path, help="file of the written memories: loaded when it exists, else written")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=45.0, help="stop training after this long (set-up included)")
@@ -227,21 +237,50 @@ def general_kl(peft_model, items, memories=None, flip_weight=0.0):
     return kl
 
 
-def read_parameters(peft_model):
-    """The read side of every δ-mem layer: (write weight, its W_mq rows) and Δ_o's weight; everything else frozen."""
+def read_parameters(peft_model, train="read"):
+    """What trains, everything else frozen: ``(rows, outs, gates)``. ``train`` "read": every δ-mem layer's read
+    side, (write weight, its W_mq rows) in ``rows`` and Δ_o's weight in ``outs``; "gate": only the read gates
+    (W_g and b_g, in ``gates``); "read+gate": both."""
     from peft_deltamem.layer import DeltaMemLayer
 
     for p in peft_model.parameters():
         p.requires_grad_(False)
-    rows, outs = [], []
+    rows, outs, gates = [], [], []
     for layer in (m for m in peft_model.modules() if isinstance(m, DeltaMemLayer)):
         for adapter, setting in layer.settings.items():
-            write = layer.delta_mem_write[adapter].weight
-            rows.append((write, slice(0, setting.width)))
-            outs.append(layer.delta_mem_out[adapter].weight)
-    for p in [w for w, _ in rows] + outs:
+            if "read" in train.split("+"):
+                rows.append((layer.delta_mem_write[adapter].weight, slice(0, setting.width)))
+                outs.append(layer.delta_mem_out[adapter].weight)
+            if "gate" in train.split("+"):
+                if adapter not in layer.delta_mem_read_gate:
+                    raise SystemExit(f"--train {train} needs a read gate: pass --read-gate")
+                gates += list(layer.delta_mem_read_gate[adapter].parameters())
+    for p in [w for w, _ in rows] + outs + gates:
         p.requires_grad_(True)
-    return rows, outs
+    return rows, outs, gates
+
+
+def load_init(model, init, read_gate=False):
+    """The PEFT model of adapter ``init``, trainable; ``read_gate`` gives an adapter without a read gate one at its
+    initial zeros (g = 1: the same outputs until it trains)."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from peft_deltamem import DeltaMemConfig
+
+    config = DeltaMemConfig.from_pretrained(str(init))
+    if not read_gate or config.read_gate:
+        return PeftModel.from_pretrained(model, init, is_trainable=True).eval()
+    config.read_gate, config.inference_mode = True, False
+    peft_model = get_peft_model(model, config)
+    weights = load_peft_weights(str(init))
+    for name in [n for n in weights if n.endswith("delta_mem_write.weight")]:
+        layer = name[: -len("delta_mem_write.weight")]
+        weights[layer + "delta_mem_read_gate.weight"] = torch.zeros(config.num_state_heads, weights[name].shape[1])
+        weights[layer + "delta_mem_read_gate.bias"] = torch.zeros(config.num_state_heads)
+    set_peft_model_state_dict(peft_model, weights)
+    return peft_model.eval()
 
 
 def keep_read_rows(rows):
@@ -255,7 +294,6 @@ def keep_read_rows(rows):
 def main(argv=None):
     args = parse_args(argv)
     import torch
-    from peft import PeftModel
     from transformers import get_cosine_schedule_with_warmup
 
     from distill_attention_memory import final_checks, load_or_build, split_episodes
@@ -266,7 +304,7 @@ def main(argv=None):
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=False)
     model, tok = load_smollm2(cache=False)
-    peft_model = PeftModel.from_pretrained(model, args.init, is_trainable=True).eval()
+    peft_model = load_init(model, args.init, args.read_gate)
     key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed}
     train_eps, val_eps = split_episodes(key, "train"), split_episodes(key, "val")
     key |= {"init": str(args.init)}
@@ -299,9 +337,10 @@ def main(argv=None):
             general, general_val = general_items(peft_model, tok, prompts), general_items(peft_model, tok, held_out)
         print(f"{len(general)} general rows to train on and {len(general_val)} held out ({args.general_layout}), with "
               f"the frozen model's replies ({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
-    rows, outs = read_parameters(peft_model)
-    params = [w for w, _ in rows] + outs
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    rows, outs, gates = read_parameters(peft_model, args.train)
+    params = [w for w, _ in rows] + outs + gates
+    groups = [{"params": [w for w, _ in rows] + outs}, {"params": gates, "lr": args.gate_lr or args.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(20, args.steps // 10), args.steps)
     rng = random.Random(args.seed)
     best = {"score": (-1, 0.0)}
@@ -347,7 +386,8 @@ def main(argv=None):
             stats["general_kl"] = g_kl.item()
         optimizer.zero_grad()
         loss.backward()
-        keep_read_rows(rows)
+        if rows:
+            keep_read_rows(rows)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

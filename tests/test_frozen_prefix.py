@@ -12,9 +12,14 @@ from peft_deltamem.tiny_models import tiny_model
 from peft_deltamem.training.frozen_prefix import cached_episode_forward, first_adapted_layer, frozen_hidden
 
 
-def _model(granularity: str, layers):
+def _model(granularity: str, layers, **config_kwargs):
     config = DeltaMemConfig(
-        task_type="CAUSAL_LM", r=4, num_state_heads=2, write_granularity=granularity, layers_to_transform=layers
+        task_type="CAUSAL_LM",
+        r=4,
+        num_state_heads=2,
+        write_granularity=granularity,
+        layers_to_transform=layers,
+        **config_kwargs,
     )
     model = get_peft_model(tiny_model("llama", num_layers=4), config)
     generator = torch.Generator().manual_seed(1)

@@ -63,7 +63,8 @@ def test_loss_and_hits_read_the_reply_positions_of_right_aligned_rows():
 
 def test_only_the_read_trains_the_query_rows_and_the_output_map():
     model = _model()
-    rows, outs = tmr.read_parameters(model)
+    rows, outs, gates = tmr.read_parameters(model)
+    assert gates == []
     layers = [m for m in model.modules() if isinstance(m, DeltaMemLayer)]
     assert not any(layer.delta_mem_beta_bias["default"].requires_grad for layer in layers)
     loss, _ = tmr.loss_and_hits(model, _items(model), kl_weight=1.0, reply_weight=1.0)
@@ -74,6 +75,24 @@ def test_only_the_read_trains_the_query_rows_and_the_output_map():
         assert write.grad[:width].abs().sum() > 0  # W_mq
         assert write.grad[width:].abs().sum() == 0  # W_mk, W_mv, W_β stay
     assert all(out.grad.abs().sum() > 0 for out in outs)
+
+
+def test_train_gate_trains_only_the_read_gates_and_they_move_the_loss():
+    model = frozen_prefix_model("token", [2, 3], read_gate=True).eval()
+    rows, outs, gates = tmr.read_parameters(model, "gate")
+    assert rows == [] and outs == [] and len(gates) == 4  # W_g and b_g of two layers
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in gates}
+    loss, _ = tmr.loss_and_hits(model, _items(model), kl_weight=1.0)
+    loss.backward()
+    assert all(g.grad.abs().sum() > 0 for g in gates)
+    plain = frozen_prefix_model("token", [2, 3]).eval()
+    try:
+        tmr.read_parameters(plain, "read+gate")
+    except SystemExit as stop:
+        assert "--read-gate" in str(stop)
+    else:
+        raise AssertionError("a model without a read gate cannot train one")
 
 
 def test_general_rows_are_asked_after_a_chat_as_the_evaluation_asks_them(monkeypatch):
@@ -133,3 +152,22 @@ def test_general_kl_is_the_mean_kl_plus_the_weighted_kl_where_the_greedy_token_c
                    for j in range(len(items)))  # fmt: skip
     torch.testing.assert_close(tmr.general_kl(model, items, flip_weight=3.0).detach(),
                                (plain + 3.0 * per_flip / len(items)).detach(), atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_load_init_adds_a_read_gate_that_starts_as_the_adapter_without_it(tmp_path):
+    from peft import PeftModel
+
+    from peft_deltamem.tiny_models import tiny_model
+
+    model = _model()
+    model.save_pretrained(tmp_path / "plain")
+    items = _items(model)
+    expected, _ = tmr.batch_logits(model, items)
+    torch.manual_seed(0)
+    gated = tmr.load_init(tiny_model("llama", num_layers=4), tmp_path / "plain", read_gate=True)
+    assert gated.peft_config["default"].read_gate
+    logits, _ = tmr.batch_logits(gated, items)
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    plain = tmr.load_init(tiny_model("llama", num_layers=4), tmp_path / "plain")
+    assert isinstance(plain, PeftModel) and not plain.peft_config["default"].read_gate

@@ -81,6 +81,15 @@ class DeltaMemConfig(PeftConfig):
         },
     )
     beta_bias_init: float = field(default=-1.5, metadata={"help": "Initial write-gate bias (sigmoid(-1.5) ~ 0.18)."})
+    read_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "A learned read gate (not in the paper): each token scales its read of every state head by "
+            "g = 2·sigmoid(W_g x + b_g), one Linear hidden -> num_state_heads per block, so a token that does not "
+            "need the memory (a question not about the conversation) can leave it unread. W_g and b_g start at zero "
+            "(g = 1: the same adapter as without the gate); the writes and the memory are unchanged."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -188,7 +197,7 @@ class DeltaMemConfig(PeftConfig):
         for name in ("write_sparsity_weight", "write_sparsity_target"):
             if not real(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0.")
-        for name in ("init_weights", "write_generated_tokens", "inference_mode"):
+        for name in ("init_weights", "write_generated_tokens", "inference_mode", "read_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False (a string such as 'False' would read as True).")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):

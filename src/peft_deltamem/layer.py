@@ -69,6 +69,7 @@ class AdapterSettings:
     segment_read: str
     config_hash: str
     head_sizes: tuple[int, ...] = ()  # output width of each Δ head, in delta_heads order
+    read_gate: bool = False
 
     @property
     def width(self) -> int:
@@ -84,12 +85,14 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
       one GEMM computes every memory projection and the gate.
     - ``delta_mem_beta_bias``: the write-gate bias b_β (r·H).
     - ``delta_mem_out``: one Linear ``r·H -> Σ out_features`` stacking the Δ heads in q, k, v, o order.
+    - ``delta_mem_read_gate`` (only with ``read_gate=True``): one Linear ``d -> H`` with bias; each token's read of
+      state head h is scaled by ``2·sigmoid(.)_h``.
 
     The layer holds no memory: each call brings its input state in the call record (``delta_mem_call``)
     and leaves its final state there; the caller's ``DeltaMemory`` receives it when the call completes.
     """
 
-    adapter_layer_names = ("delta_mem_write", "delta_mem_beta_bias", "delta_mem_out")
+    adapter_layer_names = ("delta_mem_write", "delta_mem_beta_bias", "delta_mem_out", "delta_mem_read_gate")
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, layout: AttentionLayout, runtime: MemoryRuntime, name: str) -> None:
@@ -98,6 +101,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.delta_mem_write = nn.ModuleDict()
         self.delta_mem_beta_bias = nn.ParameterDict()
         self.delta_mem_out = nn.ModuleDict()
+        self.delta_mem_read_gate = nn.ModuleDict()
         self.settings: dict[str, AdapterSettings] = {}
         self.layout = layout
         self.runtime = runtime
@@ -148,12 +152,15 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             segment_read=config.segment_read,
             config_hash=config.fingerprint(),
             head_sizes=tuple(self.layout.head_out_features(h) for h in config.delta_heads),
+            read_gate=config.read_gate,
         )
         width, d = settings.width, self.layout.hidden_size
         out_features = sum(self.layout.head_out_features(h) for h in settings.delta_heads)
         self.delta_mem_write[adapter_name] = nn.Linear(d, 4 * width, bias=False)
         self.delta_mem_beta_bias[adapter_name] = nn.Parameter(torch.empty(width))
         self.delta_mem_out[adapter_name] = nn.Linear(width, out_features, bias=False)
+        if config.read_gate:
+            self.delta_mem_read_gate[adapter_name] = nn.Linear(d, settings.num_state_heads, bias=True)
         self.settings[adapter_name] = settings
         self.runtime.configs[adapter_name] = config
         self.runtime.changed()
@@ -177,6 +184,9 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             out.zero_()  # Δ heads at zero: the adapter is an exact no-op until trained
         else:
             out.normal_(0.0, 0.02)
+        if adapter_name in self.delta_mem_read_gate:
+            for p in self.delta_mem_read_gate[adapter_name].parameters():
+                p.zero_()  # g = 2·sigmoid(0) = 1: the read as without a gate until trained
 
     def _apply(self, fn, recurse: bool = True):
         # A base built on the meta device and materialised with to_empty() gets uninitialised memory
@@ -211,20 +221,24 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             container[adapter_name] = item.to(target, dtype=dtype) if dtype is not None else item.to(target)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        gate = self.delta_mem_read_gate[adapter_name] if adapter_name in self.delta_mem_read_gate else None
         return [
             *self.delta_mem_write[adapter_name].parameters(),
             self.delta_mem_beta_bias[adapter_name],
             *self.delta_mem_out[adapter_name].parameters(),
+            *(gate.parameters() if gate is not None else ()),
         ]
 
     def fingerprint_tensors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """The adapter's parameters, read straight from the module dicts (what the weights fingerprint hashes;
         it runs once per call, so it avoids the generic accessors). Same tensors as :meth:`adapter_parameters`."""
         try:
+            gate = self._modules["delta_mem_read_gate"]._modules.get(adapter_name)
             return (
                 self._modules["delta_mem_write"]._modules[adapter_name]._parameters["weight"],
                 self._modules["delta_mem_beta_bias"]._parameters[adapter_name],
                 self._modules["delta_mem_out"]._modules[adapter_name]._parameters["weight"],
+                *((gate._parameters["weight"], gate._parameters["bias"]) if gate is not None else ()),
             )
         except (KeyError, AttributeError):  # wrapped or replaced containers (e.g. sharding wrappers)
             return tuple(self.adapter_parameters(adapter_name))
@@ -333,6 +347,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             record.final_states[key] = final if record.keep_graph else final.detach()
             if valid is not None:
                 read = read * valid.view(batch, 1, 1)
+            if settings.read_gate:
+                read = self._gate(adapter, x, read, settings)
             out = _linear(out_proj, read if read.dtype == dtype else read.to(dtype))
             return self._split_heads(out, settings)
         if settings.write_granularity == "segment":
@@ -342,8 +358,17 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         record.final_states[key] = final if record.keep_graph else final.detach()
         if valid is not None:
             reads = reads * valid[:, None, :, None]
-        reads = reads.transpose(1, 2).reshape(batch, length, settings.width).to(dtype)
-        return self._split_heads(_linear(out_proj, reads), settings)
+        reads = reads.transpose(1, 2).reshape(batch, length, settings.width)
+        if settings.read_gate:
+            reads = self._gate(adapter, x, reads, settings)
+        return self._split_heads(_linear(out_proj, reads.to(dtype)), settings)
+
+    def _gate(self, adapter: str, x: torch.Tensor, reads: torch.Tensor, settings: AdapterSettings) -> torch.Tensor:
+        """``reads`` (B, T, H·r) scaled per token and state head by the read gate ``2·sigmoid(W_g x + b_g)``."""
+        gate = 2.0 * torch.sigmoid(_linear(self._modules["delta_mem_read_gate"]._modules[adapter], x).float())
+        batch, length, _ = reads.shape
+        heads = settings.num_state_heads
+        return (reads.view(batch, length, heads, settings.r) * gate.unsqueeze(-1)).view(batch, length, -1)
 
     @staticmethod
     def _takes_token_step(settings: AdapterSettings, record: CallRecord) -> bool:
