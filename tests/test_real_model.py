@@ -226,14 +226,14 @@ def test_shipped_adapter_recalls_facts_from_memory_on_unseen_episodes(smollm2):
     assert results["memory"]["accuracy"] >= results["none"]["accuracy"] + MIN_GAIN, results
 
 
-def test_real_demo_replays_sessions_and_prints_the_state_size(smollm2, capsys):
+def test_real_demo_chats_through_the_engine_and_prints_the_state_size(smollm2, capsys):
     from peft_deltamem import demo_real
 
     result = demo_real.main(["--episodes", "2", "--threads", "1"])
     out = capsys.readouterr().out
-    assert result["episodes"] == 2 and 0 <= result["memory"] <= 2
-    assert "4 layers x 4 states x 8x8 = 1024 float32 numbers (4 KiB)" in out
-    assert out.count("visible context is only") == 2
+    assert result["episodes"] == 2 and 0 <= result["memory"] <= 2 and 0 <= result["window only"] <= 2
+    assert "12 layers x 3 states x 64x64 = 147456 float32 numbers (576 KiB)" in out
+    assert out.count("user now asks") == 2 and out.count("window only: ") == 2
 
 
 def test_chat_cli_loads_the_real_model_in_one_word(tmp_path):
