@@ -18,7 +18,11 @@ write side, W_mk, W_mv, W_β and b_β, stays as it is) on what the model says:
   general questions: after a training chat's history, its last message in the window and the rest in memory.
   ``--general-knowledge`` adds factual questions of other types than the evaluation's, ``--general-flip-weight``
   weighs the positions where the greedy token changes, and ``--max-general-kl`` keeps only a step whose KL on the
-  held-out quarter of the prompts (with the val chats' memories) stays within it.
+  held-out quarter of the prompts (with the val chats' memories) stays within it. With a read gate (``--read-gate``,
+  ``--train gate``), ``--general-gate-weight`` adds the gates' mean over the general rows: the KL goes flat near the
+  frozen model while the gate stays partly open, and this pulls it shut where no memory is needed. The memories are
+  written once with the initial gate (a gate also shapes what later layers write); the engine check at the end
+  writes with the trained one.
 
 Validation (val split: values and kinds never trained) reports the forced next token where the value is due and
 the reply's first token, every ``--eval-every`` steps; the step with the most of both together is kept. At the end
@@ -29,6 +33,7 @@ visible and in memory, and general questions with an unrelated chat in memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -77,6 +82,11 @@ def parse_args(argv=None):
         "--general-flip-weight", type=float, default=0.0,
         help="add this times each general row's summed KL where the adapter's greedy token is not the frozen "
         "model's (0: the plain mean KL)",
+    )  # fmt: skip
+    p.add_argument(
+        "--general-gate-weight", type=float, default=0.0,
+        help="add this times the read gates' mean over the general rows (needs a read gate): closes the gate where "
+        "no memory is needed (0: off)",
     )  # fmt: skip
     p.add_argument(
         "--max-general-kl", type=float, default=None,
@@ -217,6 +227,22 @@ def general_items(peft_model, tok, prompts, episodes=None, memories=None):
             for i, (h, (_, a)) in enumerate(zip(hidden, rows, strict=True))]  # fmt: skip
 
 
+@contextlib.contextmanager
+def read_gates(peft_model):
+    """Collects every read gate's pre-sigmoid output ``(B, T, H)`` of the forward passes run inside, in a list."""
+    from peft_deltamem.layer import DeltaMemLayer
+
+    seen, handles = [], []
+    for layer in (m for m in peft_model.modules() if isinstance(m, DeltaMemLayer)):
+        for gate in layer.delta_mem_read_gate.values():
+            handles.append(gate.register_forward_hook(lambda module, args, out: seen.append(out)))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def general_kl(peft_model, items, memories=None, flip_weight=0.0):
     """KL(frozen || adapter) over each general reply's positions, read with each item's memory (or, given, the
     ``memories`` items' states); with ``flip_weight``, plus that times each row's summed KL at the positions where
@@ -235,6 +261,19 @@ def general_kl(peft_model, items, memories=None, flip_weight=0.0):
         flips = mask & (logits.argmax(-1) != frozen.argmax(-1))
         kl = kl + flip_weight * per[flips].sum() / len(items)
     return kl
+
+
+def gate_mean(gates, items):
+    """The mean ``2·sigmoid`` of the collected gate outputs (``read_gates``) over each row's own (left-padded)
+    positions (prompt included), every layer and state head; ``--general-gate-weight`` adds it over the general rows:
+    a pull towards a closed gate on questions that need no memory, where the KL has gone flat."""
+    import torch
+
+    if not gates:
+        raise SystemExit("a gate weight needs a read gate: pass --read-gate")
+    longest = max(len(it["row"]) for it in items)
+    valid = torch.stack([torch.arange(longest) >= longest - len(it["row"]) for it in items])  # (B, T)
+    return torch.stack([(2.0 * torch.sigmoid(g.float()))[valid].mean() for g in gates]).mean()
 
 
 def read_parameters(peft_model, train="read"):
@@ -305,6 +344,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=False)
     model, tok = load_smollm2(cache=False)
     peft_model = load_init(model, args.init, args.read_gate)
+    if args.general_gate_weight and not peft_model.peft_config["default"].read_gate:
+        raise SystemExit(f"--general-gate-weight needs a read gate: {args.init} has none, pass --read-gate")
     key = {"pool": args.pool, "n_val": args.n_val, "seed": args.seed}
     train_eps, val_eps = split_episodes(key, "train"), split_episodes(key, "val")
     key |= {"init": str(args.init)}
@@ -347,14 +388,21 @@ def main(argv=None):
 
     def validate(step):
         with torch.no_grad():
-            total = {"ce": 0.0, "kl": 0.0, "hits": 0, "n": 0, "general": 0.0, "start": 0}
+            total = {"ce": 0.0, "kl": 0.0, "hits": 0, "n": 0, "general": 0.0, "start": 0, "general_gate": 0.0,
+                     "recall_gate": 0.0}  # fmt: skip
             for b in range(0, len(general_val), args.batch_size):
                 chunk = general_val[b : b + args.batch_size]
                 memories = None if after_chat else [val[(b + j) % len(val)] for j in range(len(chunk))]
-                total["general"] += general_kl(peft_model, chunk, memories).item() * len(chunk) / len(general_val)
+                with read_gates(peft_model) as seen:
+                    total["general"] += general_kl(peft_model, chunk, memories).item() * len(chunk) / len(general_val)
+                if seen:
+                    total["general_gate"] += gate_mean(seen, chunk).item() * len(chunk) / len(general_val)
             for b in range(0, len(val), args.batch_size):
                 chunk = val[b : b + args.batch_size]
-                _, stats = loss_and_hits(peft_model, chunk, args.kl_weight, args.reply_weight)
+                with read_gates(peft_model) as seen:
+                    _, stats = loss_and_hits(peft_model, chunk, args.kl_weight, args.reply_weight)
+                if seen:
+                    total["recall_gate"] += gate_mean(seen, chunk).item() * len(chunk) / len(val)
                 total["ce"] += stats["value_ce"] * stats["n"]
                 total["kl"] += stats["kl"] * len(chunk)
                 total["hits"] += stats["hits"]
@@ -362,11 +410,13 @@ def main(argv=None):
                 total["start"] += stats["start_hits"]
         record = {"step": step, "value_ce": total["ce"] / max(total["n"], 1), "kl": total["kl"] / len(val),
                   "forced_top1": total["hits"] / max(total["n"], 1), "n": total["n"],
-                  "general_kl": total["general"], "reply_start_top1": total["start"] / len(val)}  # fmt: skip
+                  "general_kl": total["general"], "reply_start_top1": total["start"] / len(val),
+                  "general_gate": total["general_gate"], "recall_gate": total["recall_gate"]}  # fmt: skip
         history["val"].append(record)
         print(f"step {step}: val value CE {record['value_ce']:.3f}, KL elsewhere {record['kl']:.3f}, "
               f"forced top-1 {record['forced_top1']:.3f} of {record['n']}, general KL {total['general']:.3f}, "
-              f"reply start top-1 {record['reply_start_top1']:.3f}",
+              f"reply start top-1 {record['reply_start_top1']:.3f}, mean read gate general {total['general_gate']:.3f} "
+              f"recall {total['recall_gate']:.3f}",
               flush=True)  # fmt: skip
         # the most forced values and reply starts together (ties: the lower general KL), among the steps within
         # --max-general-kl
@@ -381,8 +431,13 @@ def main(argv=None):
         if general:
             drawn = rng.sample(general, args.general_batch)
             memories = None if after_chat else rng.sample(train, args.general_batch)
-            g_kl = general_kl(peft_model, drawn, memories, args.general_flip_weight)
+            with read_gates(peft_model) as seen:
+                g_kl = general_kl(peft_model, drawn, memories, args.general_flip_weight)
             loss = loss + args.general_weight * g_kl
+            if args.general_gate_weight:
+                g_gate = gate_mean(seen, drawn)
+                loss = loss + args.general_gate_weight * g_gate
+                stats["general_gate"] = g_gate.item()
             stats["general_kl"] = g_kl.item()
         optimizer.zero_grad()
         loss.backward()

