@@ -431,7 +431,8 @@ def main(argv=None):
         if general:
             drawn = rng.sample(general, args.general_batch)
             memories = None if after_chat else rng.sample(train, args.general_batch)
-            with read_gates(peft_model) as seen:
+            # the gate outputs are collected only where they enter the loss (the hooks take the layers' fast path away)
+            with read_gates(peft_model) if args.general_gate_weight else contextlib.nullcontext([]) as seen:
                 g_kl = general_kl(peft_model, drawn, memories, args.general_flip_weight)
             loss = loss + args.general_weight * g_kl
             if args.general_gate_weight:

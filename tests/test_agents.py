@@ -319,13 +319,13 @@ def test_invalid_session_ids_are_refused(tmp_path, bad):
         DirectoryStore(tmp_path).load(bad)
 
 
-def run_chat_cli(tmp_path, turns_text: str) -> subprocess.CompletedProcess:
+def run_chat_cli(tmp_path, turns_text: str, window=("--window", "1")) -> subprocess.CompletedProcess:
     """`peft-deltamem chat` on the embedded model, reading its turns from a file (window 1, 2-token replies)."""
     turns = tmp_path / "turns.txt"
     turns.write_text(turns_text)
     done = subprocess.run(
         [sys.executable, "-m", "peft_deltamem.cli", "chat", "--input", str(turns), "--sessions", str(tmp_path / "s")]
-        + ["--window", "1", "--max-new-tokens", "2"],
+        + [*window, "--max-new-tokens", "2"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -343,6 +343,13 @@ def test_chat_cli_reads_turns_from_a_file(tmp_path):
     assert stats[0]["messages"] == 2 and stats[0]["turns"] == 1
     assert stats[1]["messages"] == 0  # after /reset
     assert "(session reset" in done.stdout
+
+
+def test_chat_cli_window_defaults_to_the_session_policys_and_is_printed(tmp_path):
+    done = run_chat_cli(tmp_path, "alice likes teal .\n/stats\n", window=())
+    stats = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert stats["window"] == 6
+    assert "model embedded-tiny, window of 6 messages" in done.stderr
 
 
 def test_a_fresh_adapter_is_the_same_in_every_process_so_stored_memories_stay_valid():

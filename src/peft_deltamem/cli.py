@@ -52,7 +52,7 @@ def _engine(args: argparse.Namespace):
     history = getattr(args, "history", "append")
     window = args.window
     if window is None:  # the shipped SmolLM2 adapter was trained and measured with its own window
-        window = REAL_WINDOW if args.model == REAL and args.adapter is None else 6
+        window = REAL_WINDOW if args.model == REAL and args.adapter is None else SessionPolicy.window
     policy = SessionPolicy(window=window, write=args.write, write_roles=tuple(args.write_roles), history=history)
     limits = Limits(max_new_tokens=max(args.max_new_tokens, 1))
     engine = ChatEngine(
