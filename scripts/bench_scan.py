@@ -1,13 +1,14 @@
 """Throughput of the δ-mem scan implementations (tokens/s), naive vs chunk vs fused_recurrent vs auto.
 
 Forward is timed under ``torch.no_grad()`` (prefill / inference); forward+backward (with
-autograd, gradients for every input) is timed for chunk, and for naive up to
+autograd, gradients for every input) is timed for chunk and fused_recurrent, and for naive up to
 ``--max-naive-bwd-T``. Each entry is the median of ``--reps`` timed runs after warm-up.
 
     python scripts/bench_scan.py                      # writes outputs/bench_scan/bench_scan.json (git-ignored)
     python scripts/bench_scan.py --write-docs         # replaces the committed docs/bench_scan.json
     python scripts/bench_scan.py --max-naive-T 2048 --reps 5 --out /tmp/bench
     python scripts/bench_scan.py --chunk-sizes 8 16 32 64   # also sweep the chunk size
+    python scripts/bench_scan.py --batch 8 --heads 3 --rank 64 --T 16 32 64 256   # where auto picks the step form
 
 On a shared machine, ``--threads 1 --clock cpu`` gives steadier numbers: with 2 threads every
 batched matmul enters an OpenMP parallel region, which stalls for a scheduler tick when another
@@ -58,7 +59,7 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from peft_deltamem.ops import AUTO_RECURRENT_MAX_T, IMPLEMENTATIONS
+from peft_deltamem.ops import AUTO_RECURRENT_MAX_T, AUTO_RECURRENT_MIN_RANK, IMPLEMENTATIONS
 from peft_deltamem.ops.chunk import DEFAULT_CHUNK_SIZE, chunk_delta_rule
 
 FORWARD_IMPLS = ["naive", "fused_recurrent", "chunk", "auto"]
@@ -153,6 +154,9 @@ def scan_rows(
             row[f"{impl}_fwd_s"] = time_forward(IMPLEMENTATIONS[impl], inputs, impl_reps, impl_warmup)
         grad_inputs = make_inputs(t, batch, heads, rank, requires_grad=True)
         row["chunk_fwd_bwd_s"] = time_forward_backward(IMPLEMENTATIONS["chunk"], grad_inputs, reps, warmup)
+        row["fused_recurrent_fwd_bwd_s"] = time_forward_backward(
+            IMPLEMENTATIONS["fused_recurrent"], grad_inputs, max(3, reps // 2), warmup
+        )
         if t <= max_naive_bwd_t:
             row["naive_fwd_bwd_s"] = time_forward_backward(IMPLEMENTATIONS["naive"], grad_inputs, 3, 1)
         results.append(row)
@@ -188,14 +192,14 @@ def main() -> None:
     print()
     print(
         "| T | naive fwd | fused_recurrent fwd | chunk fwd | auto fwd | chunk vs naive fwd "
-        "| naive fwd+bwd | chunk fwd+bwd | chunk vs naive fwd+bwd |"
+        "| naive fwd+bwd | fused_recurrent fwd+bwd | chunk fwd+bwd | chunk vs naive fwd+bwd |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
             f"| {row['T']} | {cell(row, 'naive_fwd_s')} | {cell(row, 'fused_recurrent_fwd_s')} "
             f"| {cell(row, 'chunk_fwd_s')} | {cell(row, 'auto_fwd_s')} | {speedup(row, 'chunk_fwd_s', 'naive_fwd_s')} "
-            f"| {cell(row, 'naive_fwd_bwd_s')} | {cell(row, 'chunk_fwd_bwd_s')} "
+            f"| {cell(row, 'naive_fwd_bwd_s')} | {cell(row, 'fused_recurrent_fwd_bwd_s')} | {cell(row, 'chunk_fwd_bwd_s')} "
             f"| {speedup(row, 'chunk_fwd_bwd_s', 'naive_fwd_bwd_s')} |"
         )
 
@@ -210,6 +214,7 @@ def main() -> None:
         "statistic": f"median seconds per call ({args.clock} clock); forward under no_grad",
         "chunk_size": DEFAULT_CHUNK_SIZE,
         "auto_recurrent_max_t": AUTO_RECURRENT_MAX_T,
+        "auto_recurrent_min_rank": AUTO_RECURRENT_MIN_RANK,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

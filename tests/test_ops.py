@@ -267,7 +267,10 @@ def test_auto_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ops.__dict__, "chunk_delta_rule", lambda *a, **kw: calls.append("chunk"))
     delta_rule(*make_inputs(t=1), impl="auto")
     delta_rule(*make_inputs(t=ops.AUTO_RECURRENT_MAX_T + 1), impl="auto")
-    assert calls == ["fr", "chunk"]
+    # a wide state takes the step form at every length (the chunk form's work grows with r^2 x C per token)
+    delta_rule(*make_inputs(t=64, r=ops.AUTO_RECURRENT_MIN_RANK), impl="auto")
+    delta_rule(*make_inputs(t=64, r=ops.AUTO_RECURRENT_MIN_RANK // 2), impl="auto")
+    assert calls == ["fr", "chunk", "fr", "chunk"]
 
 
 def feature_maps_then_scan(projected, bias, state, write_mask, impl="naive"):

@@ -7,7 +7,8 @@ Every implementation has the signature and semantics of :func:`naive.naive_delta
 * ``"naive"``: the readable step-by-step oracle.
 * ``"fused_recurrent"``: the step form, fewest ops per step; for decoding (T of 1 or a few).
 * ``"chunk"``: chunk-parallel WY form with a log-depth scan across chunks; for prefill / training.
-* ``"auto"``: ``fused_recurrent`` up to :data:`AUTO_RECURRENT_MAX_T` steps, ``chunk`` beyond.
+* ``"auto"``: ``fused_recurrent`` up to :data:`AUTO_RECURRENT_MAX_T` steps or from a state width of
+  :data:`AUTO_RECURRENT_MIN_RANK`, ``chunk`` otherwise.
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ _default_impl = "auto"
 # T ~ 8 at B*H = 1, T ~ 12 at B*H = 8, T ~ 32 at B*H = 32 (forward+backward: T ~ 6 to 16).
 # Decoding (T = 1) and short speculative blocks take the step form, prefill and training the chunk form.
 AUTO_RECURRENT_MAX_T = 8
+# The chunk form's work per token grows as r^2 x C per state head (every row of the state has its own
+# decay, so its C x C systems are per row), the step form's as r^2: from r = 32 the step form is faster
+# at every length, forward and backward (B=8, H=3, r=64, T=30: 6 ms against 32 ms forward, 40 against
+# 91 ms with the backward; `scripts/bench_scan.py --ranks 8 16 64`, docs/benchmarks.md).
+AUTO_RECURRENT_MIN_RANK = 32
 
 
 def _auto(q: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.shape[2] <= AUTO_RECURRENT_MAX_T:
+    if q.shape[2] <= AUTO_RECURRENT_MAX_T or q.shape[3] >= AUTO_RECURRENT_MIN_RANK:
         return fused_recurrent_delta_rule(q, *args, **kwargs)
     return chunk_delta_rule(q, *args, **kwargs)
 
