@@ -38,8 +38,10 @@ def engine_replies(
     write: str = "leave",
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    router=None,
 ) -> list[str]:
-    """The engine's greedy reply to each conversation, each in a fresh session (sessions batched)."""
+    """The engine's greedy reply to each conversation, each in a fresh session (sessions batched); ``router`` (a
+    :class:`~peft_deltamem.agents.router.MemoryRouter`) decides which replies read the memory (memory runs only)."""
     from peft_deltamem.agents.engine import ChatEngine, GenerationParams, Limits
     from peft_deltamem.agents.session import SessionPolicy
     from peft_deltamem.agents.store import DirectoryStore
@@ -53,6 +55,7 @@ def engine_replies(
             SessionPolicy(window=window, write=write),
             max_batch_size=batch_size,
             memory=memory,
+            router=router if memory else None,
             # a whole long conversation arrives in one request, as a client resending its history sends it
             limits=Limits(max_messages=max(64, max(map(len, conversations), default=0))),
         )
@@ -110,14 +113,16 @@ def evaluate(
     general: bool = False,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    router=None,
 ) -> dict:
-    """Scores (and replies) of each condition; with ``general`` also the no-harm check on :data:`GENERAL`."""
+    """Scores (and replies) of each condition; with ``general`` also the no-harm check on :data:`GENERAL`;
+    ``router`` as in :func:`engine_replies`."""
     out: dict[str, dict] = {}
     for condition in conditions:
         messages, settings = conversations(episodes, condition)
         settings = {"window": window, **settings}
         replies = engine_replies(
-            model, tokenizer, messages, max_new_tokens=max_new_tokens, batch_size=batch_size, **settings
+            model, tokenizer, messages, max_new_tokens=max_new_tokens, batch_size=batch_size, router=router, **settings
         )
         out[condition] = {**score(replies, episodes), "replies": replies}
     if general:
@@ -127,7 +132,7 @@ def evaluate(
         for condition, memory in (("general_window", False), ("general_memory", True)):
             replies = engine_replies(
                 model, tokenizer, questions, window=window, memory=memory, max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
+                batch_size=batch_size, router=router,
             )  # fmt: skip
             right = [contains_value(r, a) for r, (_, a) in zip(replies, GENERAL, strict=True)]
             out[condition] = {

@@ -13,6 +13,10 @@ Conditions (a window of 2 messages unless said; greedy replies, at most --max-ne
                   first --ttt-episodes episodes only: it costs seconds per episode)
   general_*       fixed general questions after an unrelated conversation, with and without the memory
 
+Where the adapter directory has a memory router (memory_router.safetensors, scripts/train_memory_router.py), the
+memory conditions use it as the chat engine does (each reply reads the memory only when the router says so);
+--no-router measures the adapter without it.
+
 Then recall against the number of facts and the history length (small talk up to a few thousand tokens) for
 window, context and memory, with the cost per answer. Writes open_memory_benchmark.json and .md (default
 outputs/open_memory/; --write-docs replaces the committed docs/ files).
@@ -46,6 +50,7 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 episodes, 2 TTT, short sweeps")
+    parser.add_argument("--no-router", action="store_true", help="every memory reply reads the memory")
     args = parser.parse_args(argv)
     out = output_dir(parser, args)
     if args.quick:
@@ -55,20 +60,25 @@ def main(argv=None):
     from peft import PeftModel
 
     from benchmarks import open_facts, open_recall
+    from peft_deltamem.agents.router import MemoryRouter
     from peft_deltamem.real_model import load_smollm2
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     base, tok = load_smollm2(cache=False)
     model = PeftModel.from_pretrained(base, args.adapter).eval()
+    router = None if args.no_router else MemoryRouter.load(args.adapter)
+    print("memory router:", f"layer {router.layer}" if router is not None else "none", flush=True)
     episodes = open_facts.generate_episodes(args.split, args.n)
     results, seconds = {}, {}
     for condition in open_recall.CONDITIONS:
         t = time.perf_counter()
-        r = open_recall.evaluate(model, tok, episodes, conditions=(condition,), max_new_tokens=args.max_new_tokens)
+        r = open_recall.evaluate(
+            model, tok, episodes, conditions=(condition,), max_new_tokens=args.max_new_tokens, router=router
+        )
         results[condition], seconds[condition] = r[condition], (time.perf_counter() - t) / len(episodes)
         print(condition, _brief(results[condition]), f"{seconds[condition]:.2f} s/answer", flush=True)
-    general = open_recall.evaluate(model, tok, episodes, conditions=(), general=True)
+    general = open_recall.evaluate(model, tok, episodes, conditions=(), general=True, router=router)
     results.update(general)
     print("general", {k: general[k]["accuracy"] for k in general}, flush=True)
     t = time.perf_counter()
@@ -97,7 +107,7 @@ def main(argv=None):
             point = {"history_tokens": history_tokens(tok, sweep_eps)}
             for condition in ("window", "context", "memory"):
                 t = time.perf_counter()
-                r = open_recall.evaluate(model, tok, sweep_eps, conditions=(condition,))[condition]
+                r = open_recall.evaluate(model, tok, sweep_eps, conditions=(condition,), router=router)[condition]
                 point[condition] = r["recall"]
                 point[f"{condition}_seconds"] = (time.perf_counter() - t) / len(sweep_eps)
             sweeps[kind][v] = point
@@ -106,6 +116,7 @@ def main(argv=None):
         "split": args.split,
         "n": len(episodes),
         "adapter": str(args.adapter.relative_to(ROOT)) if args.adapter.is_relative_to(ROOT) else str(args.adapter),
+        "router": None if router is None else {"file": "memory_router.safetensors", "layer": router.layer},
         "results": results,
         "seconds_per_answer": seconds,
         "gap_recovered": open_recall.gap_recovered(results),
@@ -209,9 +220,12 @@ def render(s: dict) -> str:
         for v, p in s["sweeps"][kind].items()
     )
     targets = "\n".join(f"- {'met' if ok else '**not met**'}: {name}" for name, ok in s["targets"].items())
+    router = s.get("router")
+    routing = "every memory reply reads the memory" if router is None else (
+        f"a memory router (layer {router['layer']}) decides which memory replies read it")
     return f"""# Open-vocabulary recall on SmolLM2-135M-Instruct
 
-Adapter `{s["adapter"]}`; {s["n"]} {s["split"]}-split episodes of `benchmarks.open_facts` (values and
+Adapter `{s["adapter"]}`, {routing}; {s["n"]} {s["split"]}-split episodes of `benchmarks.open_facts` (values and
 kinds of fact never trained); every reply produced by the chat engine and scored by what it says.
 Machine: {s["machine"]}.
 

@@ -301,6 +301,7 @@ def test_shipped_memory_adapter_recalls_told_facts_through_the_server(smollm2, t
 
     from benchmarks import open_facts, open_recall
     from peft_deltamem.agents.engine import ChatEngine
+    from peft_deltamem.agents.router import MemoryRouter
     from peft_deltamem.agents.server import create_app
     from peft_deltamem.agents.session import SessionPolicy
     from peft_deltamem.agents.store import DirectoryStore
@@ -313,7 +314,11 @@ def test_shipped_memory_adapter_recalls_told_facts_through_the_server(smollm2, t
     peft_model = PeftModel.from_pretrained(model, MEMORY).eval()
     episodes = [e for e in open_facts.generate_episodes("test", 40, start=50_000) if e.value is not None][:24]
     assert all(e.history[-2]["role"] == "user" for e in episodes)
-    engine = ChatEngine(peft_model, tokenizer, DirectoryStore(tmp_path), SessionPolicy(window=2), max_batch_size=8)
+    router = MemoryRouter.load(MEMORY)  # as `serve --model smollm2` serves it
+    assert router is not None
+    engine = ChatEngine(
+        peft_model, tokenizer, DirectoryStore(tmp_path), SessionPolicy(window=2), max_batch_size=8, router=router
+    )
 
     def converse(i, client):
         headers = {"X-Session-Id": f"chat-{i}"}
@@ -325,6 +330,7 @@ def test_shipped_memory_adapter_recalls_told_facts_through_the_server(smollm2, t
         assert asked.status_code == 200, asked.text
         session = client.get(f"/v1/sessions/chat-{i}").json()
         assert session["messages_in_memory"] == len(episodes[i].messages) - 2  # all but the window
+        assert session["memory_reads"] >= 1  # the question's reply read the memory
         return asked.json()["choices"][0]["message"]["content"]
 
     try:
@@ -337,3 +343,33 @@ def test_shipped_memory_adapter_recalls_told_facts_through_the_server(smollm2, t
     brief = {"served": served, "window": {k: v for k, v in window.items() if k != "replies"}}
     assert served["recall"] >= window["recall"] + 0.08, brief
     assert served["degenerate"] <= window["degenerate"], brief
+
+
+def test_shipped_router_keeps_replies_that_need_no_memory_the_frozen_models(smollm2, tmp_path):
+    """The shipped memory router on messages it was not fitted on: questions of test-split chats (kinds and values
+    never trained) read the memory; the no-harm prompts tune_memory_read.py holds out do not, and through the chat
+    engine their replies, with an unrelated test chat in memory, are byte for byte the frozen model's."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from benchmarks import open_facts, open_recall
+    from peft_deltamem.agents.router import MemoryRouter
+    from train_open_memory import general_prompts, knowledge_prompts
+
+    model, tokenizer = smollm2()
+    peft_model = PeftModel.from_pretrained(model, MEMORY).eval()
+    router = MemoryRouter.load(MEMORY)
+    chats = open_facts.generate_episodes("test", 12, start=60_000)
+    assert router.reads_memory(peft_model, tokenizer, [e.question for e in chats]) == [True] * len(chats)
+    prompts = general_prompts(open_facts, random.Random(0)) + knowledge_prompts(open_facts, random.Random(1))
+    random.Random(0).shuffle(prompts)
+    held_out = prompts[: len(prompts) // 4][:6]
+    assert router.reads_memory(peft_model, tokenizer, held_out) == [False] * len(held_out)
+    asked = [chats[i].history + [{"role": "user", "content": p}] for i, p in enumerate(held_out)]
+    routed = open_recall.engine_replies(peft_model, tokenizer, asked, window=2, memory=True, router=router)
+    frozen = open_recall.engine_replies(peft_model, tokenizer, asked, window=2, memory=False)
+    unrouted = open_recall.engine_replies(peft_model, tokenizer, asked, window=2, memory=True)
+    assert routed == frozen
+    assert unrouted != frozen  # without the router this memory changes at least one of these replies

@@ -37,7 +37,8 @@ def _import_reference(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace):
     from .agents.engine import ChatEngine, Limits
-    from .agents.models import REAL, REAL_WINDOW, load_chat_model
+    from .agents.models import REAL, REAL_ADAPTER, REAL_WINDOW, load_chat_model
+    from .agents.router import MemoryRouter
     from .agents.session import SessionPolicy
     from .agents.store import DirectoryStore, RedisStore
 
@@ -55,9 +56,19 @@ def _engine(args: argparse.Namespace):
         window = REAL_WINDOW if args.model == REAL and args.adapter is None else SessionPolicy.window
     policy = SessionPolicy(window=window, write=args.write, write_roles=tuple(args.write_roles), history=history)
     limits = Limits(max_new_tokens=max(args.max_new_tokens, 1))
+    # a memory router saved beside the adapter's weights decides which replies read the memory (docs/agents.md)
+    adapter_dir = args.adapter if args.adapter is not None else (str(REAL_ADAPTER) if args.model == REAL else None)
+    router = None
+    if adapter_dir is not None and not args.no_memory and not args.no_router:
+        router = MemoryRouter.load(adapter_dir)
     engine = ChatEngine(
-        model, tokenizer, store, policy, max_batch_size=args.batch_size, limits=limits, memory=not args.no_memory
-    )
+        model, tokenizer, store, policy, max_batch_size=args.batch_size, limits=limits, memory=not args.no_memory,
+        router=router,
+    )  # fmt: skip
+    reads = "no memory" if args.no_memory else "every reply reads the memory"
+    if router is not None:
+        reads = f"a memory router (layer {router.layer}) decides which replies read the memory"
+    print(f"model {name}, window of {window} messages, {reads}", file=sys.stderr)
     return engine, name
 
 
@@ -93,7 +104,6 @@ def _chat(args: argparse.Namespace) -> int:
     from .state import DeltaMemory
 
     engine, name = _engine(args)
-    print(f"model {name}, window of {engine.policy.window} messages", file=sys.stderr)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     lines = open(args.input, encoding="utf-8") if args.input else None
     interactive = lines is None
@@ -178,6 +188,11 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--write-roles", nargs="+", default=["user", "assistant"], help="whose messages are written (default: both)"
     )
     sessions.add_argument("--no-memory", action="store_true", help="baseline: disable the adapter, write nothing")
+    sessions.add_argument(
+        "--no-router", action="store_true",
+        help="every reply reads the memory, even where the adapter directory has a memory router (memory_router."
+        "safetensors) deciding per reply",
+    )  # fmt: skip
     sessions.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default: 256)")
 
 

@@ -105,6 +105,10 @@ class ChatEngine:
     ``model`` is a PEFT model with a δ-mem adapter (in eval mode), ``tokenizer`` its chat tokenizer,
     ``store`` a :class:`~peft_deltamem.agents.store.SessionStore`. ``memory=False`` serves the same sessions and
     window without the memory (the adapter disabled, nothing written): the baseline to compare against.
+    ``router`` (a :class:`~peft_deltamem.agents.router.MemoryRouter`) decides per reply, from the user's last
+    message, whether the reply reads the session's memory; a reply that does not is generated with an empty memory
+    (exactly the frozen model's reply). Writes are unchanged; the session's ``memory_reads`` counter says how many
+    replies read it.
     """
 
     def __init__(
@@ -118,8 +122,13 @@ class ChatEngine:
         batch_wait_s: float = 0.005,
         limits: Limits | None = None,
         memory: bool = True,
+        router=None,
     ) -> None:
         check_bool(memory, "memory")
+        if router is not None:
+            if not memory:
+                raise ValueError("a memory router needs the memory: drop router or memory=False")
+            router.check(model)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         self.model = model.eval()
@@ -130,6 +139,7 @@ class ChatEngine:
         self.batch_wait_s = batch_wait_s
         self.limits = limits or Limits()
         self.memory = memory  # False: a baseline that drops what leaves the window (adapter disabled, no writes)
+        self.router = router
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = _stop_ids(model, tokenizer)
         self.segment_writes = _segment_writes(model)
@@ -332,9 +342,13 @@ class ChatEngine:
                 return
             started = time.perf_counter()
             memories = self._write([plan.writes for _, _, plan, _ in ready], [m for *_, m in ready])
+            reads = self._reads([plan.messages for _, _, plan, _ in ready])
             clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
             replies = self._generate(
-                [r for r, *_ in ready], [plan.prompt for _, _, plan, _ in ready], memories, clock
+                [r for r, *_ in ready],
+                [plan.prompt for _, _, plan, _ in ready],
+                [m if read else self.model.new_memory(batch_size=1) for m, read in zip(memories, reads)],
+                clock,
             )
             if clock is not None:
                 end = time.perf_counter()
@@ -346,10 +360,12 @@ class ChatEngine:
                     new_tokens=sum(len(tokens) for tokens, _ in replies),
                     write_s=clock.start - started, prefill_s=first - clock.start, decode_s=end - first,
                 ))  # fmt: skip
-            for (request, record, plan, _), memory, (tokens, finish) in zip(ready, memories, replies):
+            for (request, record, plan, _), memory, read, (tokens, finish) in zip(ready, memories, reads, replies):
                 reply = _text(self.tokenizer, tokens)
                 stats = dict(record.stats)
                 stats["turns"] = stats.get("turns", 0) + 1
+                if self.router is not None:
+                    stats["memory_reads"] = stats.get("memory_reads", 0) + read
                 stats["tokens_written"] = stats.get("tokens_written", 0) + sum(len(w) for w in plan.writes)
                 checkpoints, checkpoint_memory = record.checkpoints, record.checkpoint_memory
                 if (
@@ -409,6 +425,19 @@ class ChatEngine:
             for j, i in enumerate(rows):
                 memories[i] = memory.select([j])
         return memories
+
+    def _reads(self, conversations: list[list[dict]]) -> list[bool]:
+        """Whether each row's reply reads its memory: the router's decision on the last user message (no router,
+        or no user message: every reply reads it)."""
+        if self.router is None:
+            return [True] * len(conversations)
+        last = [next((m["content"] for m in reversed(c) if m["role"] == "user"), None) for c in conversations]
+        asked = [i for i, text in enumerate(last) if text is not None]
+        decided = self.router.reads_memory(self.model, self.tokenizer, [last[i] for i in asked]) if asked else []
+        reads = [True] * len(conversations)
+        for i, read in zip(asked, decided):
+            reads[i] = read
+        return reads
 
     @torch.no_grad()
     def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory], clock=None):

@@ -39,8 +39,9 @@ _default_impl = "auto"
 AUTO_RECURRENT_MAX_T = 8
 # The chunk form's work per token grows as r^2 x C per state head (every row of the state has its own
 # decay, so its C x C systems are per row), the step form's as r^2: from r = 32 the step form is faster
-# at every length, forward and backward (B=8, H=3, r=64, T=30: 6 ms against 32 ms forward, 40 against
-# 91 ms with the backward; `scripts/bench_scan.py --ranks 8 16 64`, docs/benchmarks.md).
+# at every length measured, forward and backward (B=8, H=3, r=64, T=32: 5.5 ms against 139 ms forward,
+# 38 against 279 ms with the backward; at r=16 the chunk form still wins the backward from T ~ 256;
+# `scripts/bench_scan.py --batch 8 --heads 3 --rank 64 --T 8 16 32 64 256`, docs/benchmarks.md).
 AUTO_RECURRENT_MIN_RANK = 32
 
 
