@@ -45,6 +45,11 @@ def build_parser():
     parser.add_argument("--max-tokens", type=int, default=8, help="reply length limit (default: 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="server batch size (default: 8)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per request (default: 600)")
+    parser.add_argument(
+        "--configs", default="memory,no-memory,full-history",
+        help="which servers to run, comma-separated (default: memory,no-memory,full-history); full-history prompting "
+        "grows with every turn, so long sessions may leave it out",
+    )  # fmt: skip
     add_output_options(parser, "bench_agents", "bench_agents.json and bench_agents.md")
     return parser
 
@@ -60,6 +65,7 @@ CONFIGS = {
     "no memory (same window)": ["--window", "{window}", "--no-memory"],
     "full-history prompting": ["--window", "100000", "--no-memory"],
 }
+SHORT = dict(zip(("memory", "no-memory", "full-history"), CONFIGS))
 
 
 def http(method: str, url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5):
@@ -261,9 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = output_dir(parser, args)
+    chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in SHORT]
+    if unknown or not chosen:
+        parser.error(f"--configs takes a comma-separated subset of {','.join(SHORT)}; got {args.configs!r}")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        configs = {name: run_config(args, name, extra, Path(tmp)) for name, extra in CONFIGS.items()}
+        configs = {SHORT[c]: run_config(args, SHORT[c], CONFIGS[SHORT[c]], Path(tmp)) for c in SHORT if c in chosen}
     results = {
         "meta": {
             "command": "python scripts/bench_agents.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
