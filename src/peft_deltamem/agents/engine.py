@@ -427,17 +427,11 @@ class ChatEngine:
         return memories
 
     def _reads(self, conversations: list[list[dict]]) -> list[bool]:
-        """Whether each row's reply reads its memory: the router's decision on the last user message (no router,
-        or no user message: every reply reads it)."""
+        """Whether each row's reply reads its memory: the router's decision on the turn's last message (a user
+        message: ``check_new_messages``); without a router every reply reads it."""
         if self.router is None:
             return [True] * len(conversations)
-        last = [next((m["content"] for m in reversed(c) if m["role"] == "user"), None) for c in conversations]
-        asked = [i for i, text in enumerate(last) if text is not None]
-        decided = self.router.reads_memory(self.model, self.tokenizer, [last[i] for i in asked]) if asked else []
-        reads = [True] * len(conversations)
-        for i, read in zip(asked, decided):
-            reads[i] = read
-        return reads
+        return self.router.reads_memory(self.model, self.tokenizer, [c[-1]["content"] for c in conversations])
 
     @torch.no_grad()
     def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory], clock=None):
