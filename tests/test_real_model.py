@@ -233,6 +233,7 @@ def test_real_demo_chats_through_the_engine_and_prints_the_state_size(smollm2, c
     out = capsys.readouterr().out
     assert result["episodes"] == 2 and 0 <= result["memory"] <= 2 and 0 <= result["window only"] <= 2
     assert "12 layers x 3 states x 64x64 = 147456 float32 numbers (576 KiB)" in out
+    assert "and its memory router (layer 12)" in out
     assert out.count("user now asks") == 2 and out.count("window only: ") == 2
 
 

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks import open_facts
     from benchmarks.open_recall import engine_replies
 
+    from .agents.router import MemoryRouter
     from .real_model import load_smollm2
 
     if args.threads is not None:
@@ -54,12 +55,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     base, tokenizer = load_smollm2(cache=False)
     model = PeftModel.from_pretrained(base, args.adapter).eval()
-    print(f"SmolLM2-135M-Instruct + δ-mem adapter {args.adapter.name} (loaded in {time.perf_counter() - start:.0f} s)")
+    router = MemoryRouter.load(args.adapter)  # as `peft-deltamem chat --model smollm2` serves the adapter
+    print(f"SmolLM2-135M-Instruct + δ-mem adapter {args.adapter.name}"
+          + (f" and its memory router (layer {router.layer})" if router is not None else "")
+          + f" (loaded in {time.perf_counter() - start:.0f} s)")  # fmt: skip
     candidates = open_facts.generate_episodes("test", 4 * args.episodes + 8, start=FIRST_EPISODE)
     episodes = [e for e in candidates if e.value is not None][: args.episodes]
     chats = [e.messages for e in episodes]
     replies = {
-        "memory": engine_replies(model, tokenizer, chats, window=WINDOW, memory=True),
+        "memory": engine_replies(model, tokenizer, chats, window=WINDOW, memory=True, router=router),
         "window only": engine_replies(model, tokenizer, chats, window=WINDOW, memory=False),
     }
     hits = {name: 0 for name in replies}
