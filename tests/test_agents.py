@@ -101,7 +101,8 @@ def test_a_client_resending_the_whole_conversation_adds_only_the_new_messages():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"history": "fork"}, "history"), ({"checkpoint_every": 0}, "checkpoint")]
+    ("kwargs", "match"),
+    [({"history": "fork"}, "history"), ({"checkpoint_every": 0}, "checkpoint"), ({"max_checkpoints": 1}, "max_check")],
 )
 def test_policy_refuses_bad_history_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -457,14 +458,15 @@ def _record(engine, session):
 
 
 @pytest.mark.parametrize("write", ["leave", "arrival"])
-@pytest.mark.parametrize("checkpoint_every", [1, 3, 100])
+@pytest.mark.parametrize(("checkpoint_every", "max_checkpoints"), [(1, 16), (1, 2), (3, 16), (100, 16)])
 @pytest.mark.parametrize("edit", ["regenerate", "early", "in_window"])
 def test_a_fork_equals_a_fresh_session_that_only_saw_the_new_branch(
-    model, tokenizer, tmp_path, one_thread, write, checkpoint_every, edit
+    model, tokenizer, tmp_path, one_thread, write, checkpoint_every, max_checkpoints, edit
 ):
-    policy = SessionPolicy(window=2, write=write, checkpoint_every=checkpoint_every)
+    policy = SessionPolicy(window=2, write=write, checkpoint_every=checkpoint_every, max_checkpoints=max_checkpoints)
     engine = engine_for(model, tokenizer, tmp_path / "forked", policy=policy)
     log = _conversation(engine, "s", USER_TURNS[:5])  # 10 messages, most of them in memory
+    assert len(engine.store.load("s").checkpoints) <= max_checkpoints  # (1, 2): thinned as the session grew
     if edit == "regenerate":  # resend up to the last user message: its reply again
         branch = log[:-1]
     elif edit == "early":  # edit the second user message, long written into memory, and go on
@@ -486,6 +488,21 @@ def test_a_fork_equals_a_fresh_session_that_only_saw_the_new_branch(
     # the forked session goes on like the fresh one
     after = [*messages, {"role": "user", "content": "bob likes ?"}]
     assert engine.chat("s", after, PARAMS).reply == fresh.chat("f", after, PARAMS).reply
+
+
+def test_thinned_checkpoints_stay_bounded_dense_at_the_end_and_sparser_further_back():
+    from peft_deltamem.agents.session import thin_checkpoints
+
+    assert thin_checkpoints(5, 16) == [0, 1, 2, 3, 4]
+    assert thin_checkpoints(17, 16) == [0, 2, 4, 6, 8, *range(9, 17)]
+    positions = []  # checkpoint positions (message counts) of a long session, thinned as the engine does
+    for n in range(1, 201):
+        positions.append(8 * n)
+        positions = [positions[i] for i in thin_checkpoints(len(positions), 16)]
+        assert len(positions) <= 16 and positions[-1] == 8 * n
+    assert positions[-8:] == [8 * n for n in range(193, 201)]  # the newest eight all kept
+    gaps = [b - a for a, b in zip(positions, positions[1:])]
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] > 8  # sparser the further back
 
 
 def test_an_early_edit_really_changes_the_memory_and_append_sessions_never_fork(model, tokenizer, tmp_path, one_thread):

@@ -27,7 +27,15 @@ from transformers.generation.streamers import BaseStreamer
 from ..padding import pad_rows
 from ..runtime import check_bool
 from ..state import DeltaMemory
-from .session import RequestTooLarge, SessionPolicy, check_new_messages, follow, plan_turn, rollback_point
+from .session import (
+    RequestTooLarge,
+    SessionPolicy,
+    check_new_messages,
+    follow,
+    plan_turn,
+    rollback_point,
+    thin_checkpoints,
+)
 from .store import SessionRecord, SessionStore, check_session_id
 
 logger = logging.getLogger(__name__)
@@ -374,7 +382,11 @@ class ChatEngine:
                 ):
                     saved = [DeltaMemory.from_bytes(checkpoint_memory)] if checkpoint_memory is not None else []
                     checkpoints = [*checkpoints, plan.processed]
-                    checkpoint_memory = DeltaMemory.cat([*saved, memory]).to_bytes()
+                    rows = DeltaMemory.cat([*saved, memory])
+                    keep = thin_checkpoints(len(checkpoints), self.policy.max_checkpoints)
+                    if len(keep) < len(checkpoints):  # the turn's cost stays bounded however long the session
+                        checkpoints, rows = [checkpoints[i] for i in keep], rows.select(keep)
+                    checkpoint_memory = rows.to_bytes()
                 new_record = SessionRecord(
                     messages=plan.messages + [{"role": "assistant", "content": reply}],
                     processed=plan.processed,

@@ -14,7 +14,9 @@ conversation every turn, so a request that starts with the session's first messa
 it extends the log, only the rest is new; if it diverges from the log at message k (a regenerated reply, an edited
 earlier message), the session forks there: the log is cut to its first k messages and the memory returns exactly
 to what it held after them (:func:`follow`, :func:`rollback_point`; the engine keeps a memory checkpoint every
-``checkpoint_every`` processed messages and replays the few messages after the nearest one). A request that does
+``checkpoint_every`` processed messages and replays the messages after the nearest one; beyond
+``max_checkpoints`` the older half is thinned, :func:`thin_checkpoints`, so a turn's cost stays bounded however
+long the session, and a fork far back replays more). A request that does
 not start with the session's first message carries new messages only and is appended. ``history="append"`` never
 forks: a request that does not extend the log is appended whole (for clients that send new messages only and may
 repeat the first one, such as ``peft-deltamem chat``).
@@ -39,6 +41,7 @@ class SessionPolicy:
     write_roles: tuple[str, ...] = ("user", "assistant")
     history: str = "follow"
     checkpoint_every: int = 8
+    max_checkpoints: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -57,6 +60,21 @@ class SessionPolicy:
             raise ValueError(
                 f"SessionPolicy.checkpoint_every must be an int >= 1 (messages between checkpoints), got {every!r}"
             )
+        most = self.max_checkpoints
+        if isinstance(most, bool) or not isinstance(most, int) or most < 2:
+            raise ValueError(f"SessionPolicy.max_checkpoints must be an int >= 2 (checkpoints kept), got {most!r}")
+
+
+def thin_checkpoints(count: int, limit: int) -> list[int]:
+    """Which of ``count`` checkpoints (oldest first) to keep when there are more than ``limit``: the newest
+    ``limit // 2`` all, every second of the older ones (the newest of them kept). Applied whenever the count goes
+    over the limit, it keeps at most ``limit`` checkpoints, dense near the end of the log (regenerating a reply
+    or editing inside the window replays a few messages) and sparser the further back."""
+    if count <= limit:
+        return list(range(count))
+    recent = limit // 2
+    older = count - recent
+    return [i for i in range(older) if (older - 1 - i) % 2 == 0] + list(range(older, count))
 
 
 @dataclass
