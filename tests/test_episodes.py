@@ -331,3 +331,17 @@ def test_slow_tokenizer_tokenises_message_by_message(chat_tok):
     assert chat_tok.decode(slow["memory_input_ids"]) == chatml(TURNS[:4])
     assert slow["memory_segment_ids"] == fast["memory_segment_ids"] and not slow["memory_segments_exact"]
     assert slow["input_ids"] == fast["input_ids"] and slow["labels"] == fast["labels"]
+
+
+@pytest.mark.parametrize("which", ["append_only", "thinking"])
+def test_tokenize_messages_from_a_first_message_gives_the_same_tokens_and_later_segments(chat_tok, which):
+    """A chat session needs only its new messages' segments: ``first=k`` renders only the prefixes ending at them
+    (linear in the history, not quadratic), and gives the whole call's tokens and its segments from k on."""
+    tok = chat_tok if which == "append_only" else thinking_chat_tokenizer()
+    messages = [SYSTEM, *TURNS, *TURNS, *TURNS]
+    ids, segments, _ = tokenize_messages(messages, tok)
+    for first in (1, 4, len(messages) - 1):
+        part_ids, part_segments, _ = tokenize_messages(messages, tok, first=first)
+        assert part_ids == ids
+        later = [(i, s) for i, s in enumerate(segments) if s >= first]
+        assert [(i, s) for i, s in enumerate(part_segments) if s >= first] == later

@@ -162,7 +162,7 @@ def plan_turn(
     start = max(processed - len(pinned), 0)
     writes: list[list[int]] = []
     if due_end > start:
-        ids, segments, _ = tokenize_messages(conversation[:due_end], tokenizer)
+        ids, segments, _ = tokenize_messages(conversation[:due_end], tokenizer, first=start)
         for k in range(start, due_end):
             if conversation[k]["role"] in policy.write_roles:
                 writes.append([t for t, s in zip(ids, segments) if s == k])

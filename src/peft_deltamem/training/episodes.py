@@ -193,6 +193,10 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# (tokenizer id, template, kwargs) -> whether the template renders a probe conversation append-only
+_APPEND_ONLY: dict[tuple, bool] = {}
+
+
 class _TemplateFormat:
     """Chat-template rendering; renders are cached per conversation prefix within one example."""
 
@@ -219,7 +223,11 @@ class _TemplateFormat:
             self._cache[key] = text
         return self._cache[key]
 
-    def history(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], bool]:
+    def history(self, messages: list[dict[str, str]], first: int = 0) -> tuple[list[int], list[int], bool]:
+        if first > 0 and getattr(self.tokenizer, "is_fast", False):
+            known = self._history_from(messages, first)
+            if known is not None:
+                return known
         renders = [self.render(messages[: k + 1], False) for k in range(len(messages))]
         text = renders[-1]
         exact = all(renders[k + 1].startswith(renders[k]) for k in range(len(renders) - 1))
@@ -230,6 +238,37 @@ class _TemplateFormat:
         # a token belongs to the message in which it starts
         segments = [bisect.bisect_right(starts, begin) - 1 for begin, _ in enc["offset_mapping"]]
         return list(enc["input_ids"]), segments, exact
+
+    def _history_from(self, messages: list[dict[str, str]], first: int) -> tuple[list[int], list[int], bool] | None:
+        """The whole history's tokens with the segments of messages ``first`` on (earlier tokens: -1), rendering
+        only the prefixes that end at those messages: O(history) work, not O(history²). None when one of those
+        prefixes is not a prefix of the whole rendering, or the template is not append-only on a probe conversation
+        (a template that rewrites earlier turns, as thinking templates do: the caller then takes the general path,
+        whose segments for such templates are anchored on the messages' contents)."""
+        if not self._append_only():
+            return None
+        text = self.render(messages, False)
+        starts = [len(self.render(messages[:k], False)) if k else 0 for k in range(first, len(messages))]
+        if not all(text.startswith(self.render(messages[:k], False)) for k in range(max(first, 1), len(messages))):
+            return None
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        segments = [
+            first + bisect.bisect_right(starts, begin) - 1 if begin >= starts[0] else -1
+            for begin, _ in enc["offset_mapping"]
+        ]
+        return list(enc["input_ids"]), segments, True
+
+    def _append_only(self) -> bool:
+        key = (id(self.tokenizer), self.tokenizer.chat_template, repr(sorted(self.kwargs.items())))
+        if key not in _APPEND_ONLY:
+            probe = [{"role": r, "content": c} for r, c in
+                     (("user", "one"), ("assistant", "two"), ("user", "three"), ("assistant", "four"))]  # fmt: skip
+            try:
+                renders = [self.render(probe[: k + 1], False) for k in range(len(probe))]
+            except EpisodeError:
+                renders = ["x", ""]  # a template that refuses the probe is not assumed append-only
+            _APPEND_ONLY[key] = all(b.startswith(a) for a, b in zip(renders, renders[1:]))
+        return _APPEND_ONLY[key]
 
     def prompt(self, context: list[dict[str, str]]) -> list[int]:
         return _encode(self.tokenizer, self.render(context, True))
@@ -263,7 +302,7 @@ class _PlainFormat:
         eos = self.eos if message["role"] == "assistant" else ""
         return _encode(self.tokenizer, f"{_PLAIN_ROLE_NAMES[message['role']]}: {message['content']}{eos}\n")
 
-    def history(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], bool]:
+    def history(self, messages: list[dict[str, str]], first: int = 0) -> tuple[list[int], list[int], bool]:
         ids, segments = list(self.bos), [0] * len(self.bos)
         for k, message in enumerate(messages):
             piece = self._message(message)
@@ -334,17 +373,21 @@ def tokenize_messages(
     *,
     chat_format: Literal["auto", "template", "plain"] = "auto",
     chat_template_kwargs: dict[str, Any] | None = None,
+    first: int = 0,
 ) -> tuple[list[int], list[int], bool]:
     """Tokenise a message list as a memory stream.
 
     Returns ``(input_ids, segment_ids, exact_segments)``: segment ``k`` is message ``k``; ``exact_segments`` is
     False when the template is not append-only (see the module docstring). An empty list gives empty lists.
+    ``first``: only the segments of messages ``first`` on are needed (a chat session's new messages); with a fast
+    tokenizer and a template whose renderings up to those messages are prefixes of the whole, earlier tokens may
+    get segment -1, and the work grows with the history's length instead of its square.
     """
     if not messages:
         return [], [], True
     config = EpisodeConfig(chat_format=chat_format, chat_template_kwargs=chat_template_kwargs)
     name = "messages"
-    return _make_format(tokenizer, config, name).history(validate_messages(messages, name))
+    return _make_format(tokenizer, config, name).history(validate_messages(messages, name), first)
 
 
 def tokenize_prompt_and_answer(
