@@ -248,9 +248,10 @@ class _TemplateFormat:
         if not self._append_only():
             return None
         text = self.render(messages, False)
-        starts = [len(self.render(messages[:k], False)) if k else 0 for k in range(first, len(messages))]
-        if not all(text.startswith(self.render(messages[:k], False)) for k in range(max(first, 1), len(messages))):
+        prefixes = [self.render(messages[:k], False) if k else "" for k in range(first, len(messages))]
+        if not all(text.startswith(p) for p in prefixes):
             return None
+        starts = [len(p) for p in prefixes]
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         segments = [
             first + bisect.bisect_right(starts, begin) - 1 if begin >= starts[0] else -1
