@@ -50,6 +50,7 @@ def build_parser():
         help="which servers to run, comma-separated (default: memory,no-memory,full-history); full-history prompting "
         "grows with every turn, so long sessions may leave it out",
     )  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="every server decodes compiled (serve --compile)")
     add_output_options(parser, "bench_agents", "bench_agents.json and bench_agents.md")
     return parser
 
@@ -87,6 +88,7 @@ def start(args, extra: list[str], sessions_dir: Path) -> tuple[subprocess.Popen,
         if value:
             command += [flag, value]
     command += ["--max-new-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size), *extra]
+    command += ["--compile"] if args.compile else ["--no-compile"]
     try:
         return launch_server(command)
     except RuntimeError as error:

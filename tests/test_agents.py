@@ -595,3 +595,83 @@ def test_idle_sessions_expire_with_a_ttl(model, tokenizer, tmp_path, one_thread)
     for bad in (0, -1, "10", True):
         with pytest.raises(ValueError, match="ttl"):
             DirectoryStore(tmp_path, ttl=bad)
+
+
+def test_compiled_decoding_gives_the_eager_replies_and_memories_and_compiles_only_at_warm_up(
+    model, tokenizer, tmp_path, one_thread
+):
+    """``compile=True`` decodes with a static cache and torch.compile: the same replies and memories as the eager
+    engine, sessions batched; ``warm_up`` compiles the decoding step (dynamic in batch and length, no graph break),
+    so later turns of other batch sizes (one row included) and prompt lengths compile nothing more."""
+    import shutil
+
+    from conftest import skip_or_fail_in_ci
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    eager = engine_for(model, tokenizer, tmp_path / "eager", max_batch_size=3, batch_wait_s=0.3)
+    compiled = engine_for(model, tokenizer, tmp_path / "compiled", max_batch_size=3, batch_wait_s=0.3, compile=True)
+    compiled.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    sessions = {"p": USER_TURNS, "q": USER_TURNS[2:] + USER_TURNS[:2], "r": USER_TURNS[4:]}
+
+    def play(engine):
+        replies = {s: [] for s in sessions}
+        for step in range(len(USER_TURNS)):  # 3, then 2 sessions a batch; prompts grow with the window
+            futures = {
+                s: engine.submit(s, [{"role": "user", "content": turns[step]}], PARAMS)
+                for s, turns in sessions.items()
+                if step < len(turns)
+            }
+            for s, future in futures.items():
+                replies[s].append(future.result().reply)
+        return replies
+
+    assert play(compiled) == play(eager)
+    alone = [{"role": "user", "content": "alice likes ?"}]  # then a batch of one
+    assert compiled.chat("p", alone, PARAMS).reply == eager.chat("p", alone, PARAMS).reply
+    assert counters["stats"]["unique_graphs"] == graphs, "a turn after the warm-up compiled again"
+    for s in sessions:
+        for name, state in memory_of(eager, s).items():
+            torch.testing.assert_close(memory_of(compiled, s)[name], state, atol=1e-6, rtol=1e-5)
+    eager.close(), compiled.close()
+    torch._dynamo.reset()
+
+
+def test_compile_must_be_a_bool(model, tokenizer, tmp_path):
+    with pytest.raises(TypeError, match="compile"):
+        engine_for(model, tokenizer, tmp_path, compile="yes")
+
+
+def test_the_compiled_no_memory_baseline_gives_the_eager_baselines_replies(model, tokenizer, tmp_path, one_thread):
+    """memory=False runs the frozen model (adapter disabled) with the static cache's 4-D masks: compiled, the same
+    replies as eager."""
+    import shutil
+
+    from conftest import skip_or_fail_in_ci
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+    torch._dynamo.reset()
+    eager = engine_for(model, tokenizer, tmp_path / "eager", memory=False)
+    compiled = engine_for(model, tokenizer, tmp_path / "compiled", memory=False, compile=True)
+    compiled.warm_up()
+    assert run_turns(compiled, "s", USER_TURNS[:4]) == run_turns(eager, "s", USER_TURNS[:4])
+    eager.close(), compiled.close()
+    torch._dynamo.reset()
+
+
+def test_the_no_memory_baseline_leaves_the_adapters_parameters_frozen(tokenizer, tmp_path, one_thread):
+    """peft's disable_adapter() marks the adapter trainable when it re-enables it; the engine's no-memory turns (and
+    the router, which reads the frozen model the same way) restore every requires_grad flag, so a loaded adapter
+    stays frozen (and a compiled decoding step is not compiled again for the flag)."""
+    model = make_model(tokenizer)
+    model.requires_grad_(False)
+    engine = engine_for(model, tokenizer, tmp_path, memory=False)
+    run_turns(engine, "s", USER_TURNS[:2])
+    engine.close()
+    assert not any(p.requires_grad for p in model.parameters())

@@ -61,14 +61,18 @@ def _engine(args: argparse.Namespace):
     router = None
     if adapter_dir is not None and not args.no_memory and not args.no_router:
         router = MemoryRouter.load(adapter_dir)
+    compile_ = args.compile if args.compile is not None else next(model.parameters()).device.type == "cuda"
     engine = ChatEngine(
         model, tokenizer, store, policy, max_batch_size=args.batch_size, limits=limits, memory=not args.no_memory,
-        router=router,
+        router=router, compile=compile_,
     )  # fmt: skip
     reads = "no memory" if args.no_memory else "every reply reads the memory"
     if router is not None:
         reads = f"a memory router (layer {router.layer}) decides which replies read the memory"
-    print(f"model {name}, window of {window} messages, {reads}", file=sys.stderr)
+    decoding = "eager decoding"
+    if compile_:
+        decoding = f"compiled decoding (warmed up in {engine.warm_up():.0f} s)"
+    print(f"model {name}, window of {window} messages, {reads}, {decoding}", file=sys.stderr)
     return engine, name
 
 
@@ -170,6 +174,11 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: --model)")
     model.add_argument("--adapter", default=None, help="δ-mem adapter directory or Hub id")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    model.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="decode with a static cache and torch.compile, compiled and warmed at start-up (default: on a GPU; "
+        "on a CPU only when asked, see docs/agents.md; needs a C++ compiler there)",
+    )  # fmt: skip
     sessions = parser.add_argument_group("sessions")
     sessions.add_argument("--sessions", default="sessions", help="session directory (default: ./sessions)")
     sessions.add_argument("--redis", default=None, help="keep sessions in Redis instead, e.g. redis://localhost:6379/0")

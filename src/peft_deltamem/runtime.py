@@ -318,7 +318,11 @@ class MemoryRuntime:
         kwargs.pop("ablation_mode", None)  # informational key of DeltaMemDataCollator batches
         attention_mask = kwargs.get("attention_mask")
         generation = self.generation if memory is None and memory_stream is None else None
-        if generation is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        adapters = self.active_adapters()
+        frozen = not adapters and memory is None and memory_stream is None  # adapters disabled: nothing to mask
+        if (generation is not None or frozen) and not (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        ):
             # a static cache's 4-D mask (compiled generate: a dict of them); the generation tracks the 2-D one
             attention_mask = None
         elif attention_mask is not None and attention_mask.dim() != 2:
@@ -328,7 +332,6 @@ class MemoryRuntime:
             )
         _refuse_packed(kwargs, attention_mask)
         _check_inputs(module, kwargs, attention_mask, memory_stream, memory_stream_mask)
-        adapters = self.active_adapters()
         record = CallRecord(
             attention_mask=attention_mask, segment_ids=segment_ids, write_mask=write_mask, writes=writes
         )

