@@ -162,9 +162,12 @@ def _generate(
 
 
 def run_conversation(
-    model: Any, tokenizer: Any, conv: LocomoConversation, config: LocomoRunConfig, device: torch.device
+    model: Any, tokenizer: Any, conv: LocomoConversation, config: LocomoRunConfig, device: torch.device,
+    router: Any = None,
 ) -> tuple[list[LocomoEpisode], list[dict[str, Any]]]:
-    """Answer the questions of one conversation; returns the episodes and one prediction record per episode."""
+    """Answer the questions of one conversation; returns the episodes and one prediction record per episode.
+    ``router`` (a :class:`~peft_deltamem.agents.router.MemoryRouter`, memory mode) decides per question whether the
+    answer reads the written memory; one that does not reads an empty memory, as in the chat engine."""
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -183,12 +186,15 @@ def run_conversation(
         else:
             logger.warning("mode 'memory' without a δ-mem adapter: the history is dropped (no-memory baseline)")
 
+    reads = [True] * len(episodes)
+    if router is not None and snapshot is not None:
+        reads = router.reads_memory(model, tokenizer, [episode.question for episode in episodes])
     records = []
-    for episode in episodes:
+    for episode, read in zip(episodes, reads, strict=True):
         prompt = _prompt_ids(tokenizer, episode.visible_messages, config.max_prompt_tokens)
         start = time.perf_counter()
         if delta_mem:  # the questions read the written history (or an empty memory) and write nothing
-            memory = snapshot if snapshot is not None else model.new_memory(batch_size=1)
+            memory = snapshot if snapshot is not None and read else model.new_memory(batch_size=1)
             prediction = _generate(
                 model, tokenizer, prompt, config.max_new_tokens, device, memory=memory, memory_writes=False
             )
@@ -205,6 +211,7 @@ def run_conversation(
                 "mode": episode.mode,
                 "prompt_tokens": len(prompt),
                 "memory_tokens": memory_tokens if delta_mem else 0,
+                "reads_memory": bool(snapshot is not None and read),
                 "memory_write_s": write_s,
                 "latency_s": time.perf_counter() - start,
                 "evidence": list(episode.evidence),
@@ -222,8 +229,9 @@ def run_locomo(
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
     stemmer: Callable[[str], str] | None = None,
+    router: Any = None,
 ) -> dict[str, Any]:
-    """Answer and score the questions of ``conversations``.
+    """Answer and score the questions of ``conversations``; ``router`` as in :func:`run_conversation`.
 
     ``stemmer`` is applied to every token before scoring (LoCoMo's published numbers use NLTK's Porter stemmer).
 
@@ -236,7 +244,7 @@ def run_locomo(
     all_episodes, records = [], []
     start = time.perf_counter()
     for i, conv in enumerate(conversations):
-        episodes, conv_records = run_conversation(model, tokenizer, conv, config, device)
+        episodes, conv_records = run_conversation(model, tokenizer, conv, config, device, router)
         all_episodes += episodes
         records += conv_records
         if progress is not None:

@@ -435,8 +435,47 @@ GENERAL = [
 ]
 
 
+# A second fixed set for the no-harm check, written (with its answers) after the memory router's first test run
+# showed two general questions phrased in the first and second person routed to the memory, and before any score of
+# a router fitted since: about half ask about the world in the words of a personal question ("we", "you", "I").
+# Nothing is fitted or chosen on it; it measures whether a fix carries beyond the questions that prompted it.
+GENERAL_FRESH = [
+    ("What is the capital of Canada?", "ottawa"),
+    ("What is the capital of Egypt?", "cairo"),
+    ("What is 6 plus 3?", "9"),
+    ("What is 3 times 3?", "9"),
+    ("How many legs does a dog have?", "4"),
+    ("What color is a ripe banana?", "yellow"),
+    ("What is the opposite of big?", "small"),
+    ("What animal says moo?", "cow"),
+    ("Which month comes before December?", "november"),
+    ("Translate 'thank you' into French.", "merci"),
+    ("Say the word 'apple' and nothing else.", "apple"),
+    ("Which planet is known as the red planet?", "mars"),
+    ("Which animal is known as the king of the jungle?", "lion"),
+    ("What do bees live in?", "hive"),
+    ("What do you call a baby dog?", "puppy"),
+    ("What do you call a baby sheep?", "lamb"),
+    ("What do you call the home of a bird?", "nest"),
+    ("What do you call water that falls from the sky?", "rain"),
+    ("What gas do we breathe in to live?", "oxygen"),
+    ("What do we call the day after Friday?", "saturday"),
+    ("What do we call a person who teaches at a school?", "teacher"),
+    ("Where do we see the stars at night, in the sky or in the sea?", "sky"),
+    ("What do your eyes let you do?", "see"),
+    ("What color are most leaves in summer, as we see them?", "green"),
+    ("What do I call the opposite of night?", "day"),
+    ("If I am thirsty, what should I drink?", "water"),
+    ("What fruit do we make apple pie from?", "apple"),
+    ("Where do we find fish living?", "water"),
+    ("What do you use to hear sounds?", "ears"),
+    ("Which is colder, our summer or our winter?", "winter"),
+]
+
+
 __all__ = [
     "GENERAL",
+    "GENERAL_FRESH",
     "all_questions",
     "KINDS",
     "OpenFactsConfig",

@@ -14,17 +14,21 @@ scores the greedy reply it returns:
 =================  ========================================================================================
 
 and, for the no-harm check, fixed general questions (:data:`~benchmarks.open_facts.GENERAL`) asked after
-an unrelated conversation, with the memory (``general_memory``) and without (``general_window``).
+an unrelated conversation, with the memory (``general_memory``) and without (``general_window``), and the same for a
+second set written later (:data:`~benchmarks.open_facts.GENERAL_FRESH`: ``general_fresh_memory``, ``..._window``).
 """
 
 from __future__ import annotations
 
 import tempfile
 
-from .open_facts import GENERAL, OpenFactsEpisode, contains_value, is_degenerate, score_reply
+from .open_facts import GENERAL, GENERAL_FRESH, OpenFactsEpisode, contains_value, is_degenerate, score_reply
 
 CONDITIONS = ("none", "window", "memory", "context", "context_memory", "other_memory")
-GENERAL_CONDITIONS = ("general_window", "general_memory")
+# The no-harm check's question sets: the fixed one the issue's target is measured on, and a second one written later
+# (:data:`~benchmarks.open_facts.GENERAL_FRESH`) that nothing is fitted or chosen on.
+GENERAL_SETS = {"general": GENERAL, "general_fresh": GENERAL_FRESH}
+GENERAL_CONDITIONS = tuple(f"{name}_{c}" for name in GENERAL_SETS for c in ("window", "memory"))
 FULL = 1_000_000  # a window that holds any conversation
 
 
@@ -125,16 +129,16 @@ def evaluate(
             model, tokenizer, messages, max_new_tokens=max_new_tokens, batch_size=batch_size, router=router, **settings
         )
         out[condition] = {**score(replies, episodes), "replies": replies}
-    if general:
+    for name, items in GENERAL_SETS.items() if general else ():
         questions = [
-            episodes[i % len(episodes)].history + [{"role": "user", "content": q}] for i, (q, _) in enumerate(GENERAL)
+            episodes[i % len(episodes)].history + [{"role": "user", "content": q}] for i, (q, _) in enumerate(items)
         ]
-        for condition, memory in (("general_window", False), ("general_memory", True)):
+        for condition, memory in ((f"{name}_window", False), (f"{name}_memory", True)):
             replies = engine_replies(
                 model, tokenizer, questions, window=window, memory=memory, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, router=router,
             )  # fmt: skip
-            right = [contains_value(r, a) for r, (_, a) in zip(replies, GENERAL, strict=True)]
+            right = [contains_value(r, a) for r, (_, a) in zip(replies, items, strict=True)]
             out[condition] = {
                 "accuracy": sum(right) / len(right),
                 "degenerate": sum(map(is_degenerate, replies)) / len(replies),
@@ -159,10 +163,12 @@ def targets(results: dict) -> dict[str, bool]:
         met["history visible: adapter >= frozen - 0.02"] = (
             results["context_memory"]["recall"] >= results["context"]["recall"] - 0.02
         )
-    if "general_memory" in results:
-        met["general questions within 0.05"] = (
-            abs(results["general_memory"]["accuracy"] - results["general_window"]["accuracy"]) <= 0.05
-        )
+    for name in GENERAL_SETS:
+        if f"{name}_memory" in results:
+            label = "general questions" if name == "general" else "fresh general questions"
+            met[f"{label} within 0.05"] = (
+                abs(results[f"{name}_memory"]["accuracy"] - results[f"{name}_window"]["accuracy"]) <= 0.05
+            )
     if "memory" in results and "context" in results:
         frozen = max(results["context"]["degenerate"], results.get("window", results["context"])["degenerate"])
         met["degenerate replies no more than the frozen model"] = results["memory"]["degenerate"] <= frozen
@@ -172,6 +178,7 @@ def targets(results: dict) -> dict[str, bool]:
 __all__ = [
     "CONDITIONS",
     "GENERAL_CONDITIONS",
+    "GENERAL_SETS",
     "conversations",
     "engine_replies",
     "evaluate",

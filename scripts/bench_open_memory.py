@@ -51,6 +51,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 episodes, 2 TTT, short sweeps")
     parser.add_argument("--no-router", action="store_true", help="every memory reply reads the memory")
+    parser.add_argument(
+        "--sweeps-only", action="store_true",
+        help="only the facts / length sweeps (e.g. longer histories: --lengths 128 --facts ''); writes "
+        "open_memory_sweeps.json and .md",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = output_dir(parser, args)
     if args.quick:
@@ -69,6 +74,18 @@ def main(argv=None):
     model = PeftModel.from_pretrained(base, args.adapter).eval()
     router = None if args.no_router else MemoryRouter.load(args.adapter)
     print("memory router:", f"layer {router.layer}" if router is not None else "none", flush=True)
+    if args.sweeps_only:
+        sweeps = run_sweeps(model, tok, router, args)
+        command = "python scripts/bench_open_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        summary = {"adapter": str(args.adapter), "split": args.split, "sweeps": sweeps, "command": command,
+                   "machine": f"{os.cpu_count()} CPU cores, {args.threads} torch threads, load average {load:.2f} at "
+                   "start"}  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "open_memory_sweeps.json").write_text(json.dumps(summary, indent=1))
+        text = f"{summary['command']}\n\nMachine: {summary['machine']}.\n\n{SWEEP_HEADER}\n{render_sweeps(sweeps)}\n"
+        (out / "open_memory_sweeps.md").write_text(text)
+        print(text)
+        return summary
     episodes = open_facts.generate_episodes(args.split, args.n)
     results, seconds = {}, {}
     for condition in open_recall.CONDITIONS:
@@ -100,18 +117,7 @@ def main(argv=None):
     }
     print("ttt", _brief(results["ttt"]), results["ttt_subset"], flush=True)
 
-    sweeps = {"facts": {}, "length": {}}
-    for kind, values in (("facts", args.facts), ("length", args.lengths)):
-        for v in (int(x) for x in values.split(",")):
-            sweep_eps = sweep_episodes(kind, v, args)
-            point = {"history_tokens": history_tokens(tok, sweep_eps)}
-            for condition in ("window", "context", "memory"):
-                t = time.perf_counter()
-                r = open_recall.evaluate(model, tok, sweep_eps, conditions=(condition,), router=router)[condition]
-                point[condition] = r["recall"]
-                point[f"{condition}_seconds"] = (time.perf_counter() - t) / len(sweep_eps)
-            sweeps[kind][v] = point
-            print(kind, v, point, flush=True)
+    sweeps = run_sweeps(model, tok, router, args)
     summary = {
         "split": args.split,
         "n": len(episodes),
@@ -131,6 +137,38 @@ def main(argv=None):
     (out / "open_memory_benchmark.md").write_text(render(summary))
     print(render(summary))
     return summary
+
+
+def run_sweeps(model, tok, router, args) -> dict:
+    """Recall and seconds per answer of window, context and memory at each point of the facts / length sweeps."""
+    from benchmarks import open_recall
+
+    sweeps = {"facts": {}, "length": {}}
+    for kind, values in (("facts", args.facts), ("length", args.lengths)):
+        for v in (int(x) for x in values.split(",") if x.strip()):
+            sweep_eps = sweep_episodes(kind, v, args)
+            point = {"history_tokens": history_tokens(tok, sweep_eps)}
+            for condition in ("window", "context", "memory"):
+                t = time.perf_counter()
+                r = open_recall.evaluate(model, tok, sweep_eps, conditions=(condition,), router=router)[condition]
+                point[condition] = r["recall"]
+                point[f"{condition}_seconds"] = (time.perf_counter() - t) / len(sweep_eps)
+            sweeps[kind][v] = point
+            print(kind, v, point, flush=True)
+    return sweeps
+
+
+SWEEP_HEADER = """| episodes | history tokens | window | full history | δ-mem | s/answer full history | s/answer δ-mem |
+|---|---:|---:|---:|---:|---:|---:|"""
+
+
+def render_sweeps(sweeps: dict) -> str:
+    return "\n".join(
+        f"| {kind} = {v} | {p['history_tokens']:.0f} | {p['window']:.2f} | {p['context']:.2f} | {p['memory']:.2f} | "
+        f"{p['context_seconds']:.2f} | {p['memory_seconds']:.2f} |"
+        for kind in ("facts", "length")
+        for v, p in sweeps[kind].items()
+    )
 
 
 def sweep_episodes(kind: str, value: int, args) -> list:
@@ -213,12 +251,7 @@ def render(s: dict) -> str:
     )
     ttt, sub, spent = r["ttt"], r["ttt_subset"], s["seconds_per_answer"]["ttt"]
     gap = s["gap_recovered"]
-    sweep = "\n".join(
-        f"| {kind} = {v} | {p['history_tokens']:.0f} | {p['window']:.2f} | {p['context']:.2f} | {p['memory']:.2f} | "
-        f"{p['context_seconds']:.2f} | {p['memory_seconds']:.2f} |"
-        for kind in ("facts", "length")
-        for v, p in s["sweeps"][kind].items()
-    )
+    sweep = render_sweeps(s["sweeps"])
     targets = "\n".join(f"- {'met' if ok else '**not met**'}: {name}" for name, ok in s["targets"].items())
     router = s.get("router")
     routing = "every memory reply reads the memory" if router is None else (
@@ -248,14 +281,17 @@ full history {sub["context"]:.3f}, δ-mem {sub["memory"]:.3f}.
 No harm on general questions after an unrelated conversation ({len(r["general_window"]["replies"])} questions):
 accuracy {r["general_memory"]["accuracy"]:.3f} with that conversation in memory, {r["general_window"]["accuracy"]:.3f}
 without; degenerate replies {r["general_memory"]["degenerate"]:.3f} / {r["general_window"]["degenerate"]:.3f}.
+The second set, written later and never fitted on ({len(r["general_fresh_window"]["replies"])} questions): accuracy
+{r["general_fresh_memory"]["accuracy"]:.3f} with the conversation in memory, {r["general_fresh_window"]["accuracy"]:.3f}
+without; degenerate replies {r["general_fresh_memory"]["degenerate"]:.3f} /
+{r["general_fresh_window"]["degenerate"]:.3f}.
 
 Targets:
 {targets}
 
 Recall against the number of facts and the history length (small-talk exchanges), with seconds per answer:
 
-| episodes | history tokens | window | full history | δ-mem | s/answer full history | s/answer δ-mem |
-|---|---:|---:|---:|---:|---:|---:|
+{SWEEP_HEADER}
 {sweep}
 """
 

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stem tokens with NLTK's Porter stemmer before scoring, as LoCoMo's published numbers do (needs nltk)",
     )
+    parser.add_argument(
+        "--no-router", action="store_true",
+        help="memory mode: every answer reads the memory, even where the adapter directory has a memory router "
+        "(memory_router.safetensors) deciding per question, as the chat engine does",
+    )  # fmt: skip
     parser.add_argument("--output", default=None, help="where to write predictions and scores (JSON)")
     return parser
 
@@ -167,9 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
         limit_questions=args.limit_questions,
         role=args.role,
     )
+    router = None
+    if args.mode == "memory" and not args.no_router:
+        from peft_deltamem.agents.router import MemoryRouter
+
+        router = MemoryRouter.load(args.adapter)  # None when the adapter directory has none
+        print("memory router:", f"layer {router.layer}" if router is not None else "none", flush=True)
     result = run_locomo(
-        model, tokenizer, conversations, config, device, progress=lambda m: print(m, flush=True), stemmer=args.stemmer
-    )
+        model, tokenizer, conversations, config, device, progress=lambda m: print(m, flush=True),
+        stemmer=args.stemmer, router=router,
+    )  # fmt: skip
     result["args"] = {k: v for k, v in vars(args).items() if k != "stemmer"}
     scores = result["scores"]
     print(f"mode={args.mode} F1={scores['f1']:.4f} over {scores['count']} questions")

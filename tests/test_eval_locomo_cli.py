@@ -254,3 +254,36 @@ def test_memory_mode_questions_do_not_write(model_dirs):
         for name, tensor in written.states.items():
             torch.testing.assert_close(before[name], tensor)
             torch.testing.assert_close(after[name], tensor)
+
+
+def test_memory_mode_with_a_router_answers_routed_away_questions_from_an_empty_memory(model_dirs):
+    """With a memory router (as the chat engine serves it), a question it routes away reads an empty memory and a
+    question it routes to the memory reads the written history; the records say which."""
+    from benchmarks.locomo_runner import LocomoRunConfig, run_conversation
+
+    script = _load_script()
+    args = script.parse_args(["--model", str(model_dirs["chat"]), "--adapter", str(model_dirs["token"])])
+    tokenizer, model = script.load_model(args, torch.device("cpu"))
+    conv = load_locomo(default_locomo_path())[0]
+    config = LocomoRunConfig(mode="memory", max_new_tokens=2, limit_questions=3, write_chunk_tokens=4096)
+
+    class FirstOnly:  # reads the memory for the first question only
+        def reads_memory(self, model, tokenizer, texts):
+            return [i == 0 for i in range(len(texts))]
+
+    read = []
+    generate = model.generate
+
+    def spy(*args, memory=None, **kwargs):
+        read.append(not memory.is_empty)
+        return generate(*args, memory=memory, **kwargs)
+
+    model.generate = spy
+    try:
+        _, records = run_conversation(model, tokenizer, conv, config, torch.device("cpu"), router=FirstOnly())
+        _, unrouted = run_conversation(model, tokenizer, conv, config, torch.device("cpu"))
+    finally:
+        del model.generate
+    assert read == [True, False, False, True, True, True]
+    assert [r["reads_memory"] for r in records] == [True, False, False]
+    assert [r["reads_memory"] for r in unrouted] == [True, True, True]

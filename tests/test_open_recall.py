@@ -74,6 +74,8 @@ def test_scores_and_targets():
         "context_memory": {"recall": 0.17, "degenerate": 0.0},
         "general_window": {"accuracy": 0.7},
         "general_memory": {"accuracy": 0.66},
+        "general_fresh_window": {"accuracy": 0.7},
+        "general_fresh_memory": {"accuracy": 0.6},
     }
     assert open_recall.gap_recovered(results) == pytest.approx(0.6)
     met = open_recall.targets(results)
@@ -81,6 +83,7 @@ def test_scores_and_targets():
         "memory recovers >= 50 % of the gap": True,
         "history visible: adapter >= frozen - 0.02": False,
         "general questions within 0.05": True,
+        "fresh general questions within 0.05": False,
         "degenerate replies no more than the frozen model": True,
     }
 
