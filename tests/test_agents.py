@@ -603,12 +603,9 @@ def test_compiled_decoding_gives_the_eager_replies_and_memories_and_compiles_onl
     """``compile=True`` decodes with a static cache and torch.compile: the same replies and memories as the eager
     engine, sessions batched; ``warm_up`` compiles the decoding step (dynamic in batch and length, no graph break),
     so later turns of other batch sizes (one row included) and prompt lengths compile nothing more."""
-    import shutil
+    from conftest import require_cxx_compiler
 
-    from conftest import skip_or_fail_in_ci
-
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+    require_cxx_compiler()
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -650,12 +647,9 @@ def test_compile_must_be_a_bool(model, tokenizer, tmp_path):
 def test_the_compiled_no_memory_baseline_gives_the_eager_baselines_replies(model, tokenizer, tmp_path, one_thread):
     """memory=False runs the frozen model (adapter disabled) with the static cache's 4-D masks: compiled, the same
     replies as eager."""
-    import shutil
+    from conftest import require_cxx_compiler
 
-    from conftest import skip_or_fail_in_ci
-
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+    require_cxx_compiler()
     torch._dynamo.reset()
     eager = engine_for(model, tokenizer, tmp_path / "eager", memory=False)
     compiled = engine_for(model, tokenizer, tmp_path / "compiled", memory=False, compile=True)

@@ -104,14 +104,11 @@ def test_training_step_gradients_match_naive(impl):
 def test_compiled_generate_equals_eager():
     """generate() with a static cache and transformers' compile_config: the decoder layers, δ-mem included, compile
     without a graph break (the call hooks stay eager) and give the tokens and memory of the eager run."""
-    import shutil
-
     from transformers import CompileConfig
 
-    from conftest import skip_or_fail_in_ci
+    from conftest import require_cxx_compiler
 
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        skip_or_fail_in_ci("torch.compile on CPU needs a C++ compiler (g++); install one (apt install g++)")
+    require_cxx_compiler()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = make_peft(num_state_heads=2)
