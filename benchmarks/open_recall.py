@@ -118,13 +118,15 @@ def evaluate(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     router=None,
+    write: str = "leave",
 ) -> dict:
     """Scores (and replies) of each condition; with ``general`` also the no-harm check on :data:`GENERAL`;
-    ``router`` as in :func:`engine_replies`."""
+    ``router`` as in :func:`engine_replies`; ``write`` how the memory conditions write (``SessionPolicy.write``;
+    ``context_memory`` always writes on arrival)."""
     out: dict[str, dict] = {}
     for condition in conditions:
         messages, settings = conversations(episodes, condition)
-        settings = {"window": window, **settings}
+        settings = {"window": window, "write": write, **settings}
         replies = engine_replies(
             model, tokenizer, messages, max_new_tokens=max_new_tokens, batch_size=batch_size, router=router, **settings
         )
@@ -136,7 +138,7 @@ def evaluate(
         for condition, memory in ((f"{name}_window", False), (f"{name}_memory", True)):
             replies = engine_replies(
                 model, tokenizer, questions, window=window, memory=memory, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, router=router,
+                batch_size=batch_size, router=router, write=write,
             )  # fmt: skip
             right = [contains_value(r, a) for r, (_, a) in zip(replies, items, strict=True)]
             out[condition] = {

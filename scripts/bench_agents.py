@@ -51,6 +51,10 @@ def build_parser():
         "grows with every turn, so long sessions may leave it out",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="every server decodes compiled (serve --compile)")
+    parser.add_argument(
+        "--write", choices=("leave", "arrival", "prompt"), default="leave",
+        help="how the memory server writes (serve --write; default: leave)",
+    )  # fmt: skip
     add_output_options(parser, "bench_agents", "bench_agents.json and bench_agents.md")
     return parser
 
@@ -62,7 +66,7 @@ from peft_deltamem.agents.launch import launch_server
 
 WORDS = "alice likes teal . we talked about trains bob likes gold then music and lunch later books again".split()
 CONFIGS = {
-    "δ-mem memory": ["--window", "{window}"],
+    "δ-mem memory": ["--window", "{window}", "--write", "{write}"],
     "no memory (same window)": ["--window", "{window}", "--no-memory"],
     "full-history prompting": ["--window", "100000", "--no-memory"],
 }
@@ -166,7 +170,7 @@ def p95(values: list[float]) -> float:
 
 
 def run_config(args, name: str, extra: list[str], workdir: Path) -> dict:
-    extra = [a.format(window=args.window) for a in extra]
+    extra = [a.format(window=args.window, write=args.write) for a in extra]
     sessions_dir = workdir / name.replace(" ", "_")
     process, url = start(args, extra, sessions_dir)
     half = args.turns // 2 if name == "δ-mem memory" else args.turns

@@ -20,6 +20,10 @@ memory conditions use it as the chat engine does (each reply reads the memory on
 Then recall against the number of facts and the history length (small talk up to a few thousand tokens) for
 window, context and memory, with the cost per answer. Writes open_memory_benchmark.json and .md (default
 outputs/open_memory/; --write-docs replaces the committed docs/ files).
+
+--write-modes leave,prompt runs only the memory conditions (memory, other_memory and the no-harm check) once per
+way of writing (the chat engine's SessionPolicy.write: "leave", each message in a call of its own as it leaves the
+window; "prompt", each message in the reply prompt that first shows it) and writes open_memory_write_modes.json / .md.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ def main(argv=None):
         help="only the facts / length sweeps (e.g. longer histories: --lengths 128 --facts ''); writes "
         "open_memory_sweeps.json and .md",
     )  # fmt: skip
+    parser.add_argument(
+        "--write-modes", default=None,
+        help="comma-separated SessionPolicy.write values: only the memory conditions and the no-harm check, per mode",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = output_dir(parser, args)
     if args.quick:
@@ -87,6 +95,8 @@ def main(argv=None):
         print(text)
         return summary
     episodes = open_facts.generate_episodes(args.split, args.n)
+    if args.write_modes:
+        return compare_write_modes(model, tok, router, episodes, args, out, f"{command}\n\nMachine: {machine}.")
     results, seconds = {}, {}
     for condition in open_recall.CONDITIONS:
         t = time.perf_counter()
@@ -137,6 +147,45 @@ def main(argv=None):
     (out / "open_memory_benchmark.md").write_text(render(summary))
     print(render(summary))
     return summary
+
+
+def compare_write_modes(model, tok, router, episodes, args, out, header: str) -> dict:
+    """Recall (memory, other_memory) and the no-harm check for each of --write-modes, on the same chats."""
+    from benchmarks import open_recall
+
+    rows = {}
+    for write in args.write_modes.split(","):
+        t = time.perf_counter()
+        r = open_recall.evaluate(
+            model, tok, episodes, conditions=("memory", "other_memory"), general=True, router=router, write=write,
+            max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+        rows[write] = {**r, "seconds": time.perf_counter() - t}
+        print(write, {k: _brief(v) for k, v in r.items()}, flush=True)
+    names = list(rows)
+    first = rows[names[0]]
+    lines = [
+        header, "",
+        "| write | recall | degenerate | other_memory recall | general | general_fresh | replies changed vs "
+        f"{names[0]} (memory, general, general_fresh) | seconds |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]  # fmt: skip
+    for name, r in rows.items():
+        changed = ", ".join(
+            str(sum(a != b for a, b in zip(r[c]["replies"], first[c]["replies"])))
+            for c in ("memory", "general_memory", "general_fresh_memory")
+        )
+        lines.append(
+            f"| {name} | {r['memory']['recall']:.3f} | {r['memory']['degenerate']:.3f} | "
+            f"{r['other_memory']['recall']:.3f} | {r['general_memory']['accuracy']:.3f} (window "
+            f"{r['general_window']['accuracy']:.3f}) | {r['general_fresh_memory']['accuracy']:.3f} (window "
+            f"{r['general_fresh_window']['accuracy']:.3f}) | {changed} | {r['seconds']:.0f} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_memory_write_modes.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    (out / "open_memory_write_modes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
 
 
 def run_sweeps(model, tok, router, args) -> dict:

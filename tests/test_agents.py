@@ -13,7 +13,14 @@ from peft import get_peft_model
 
 from peft_deltamem import DeltaMemConfig, DeltaMemory
 from peft_deltamem.agents.engine import ChatEngine, GenerationParams, Limits
-from peft_deltamem.agents.session import RequestTooLarge, SessionPolicy, follow, plan_turn
+from peft_deltamem.agents.session import (
+    RequestTooLarge,
+    SessionPolicy,
+    follow,
+    plan_turn,
+    turn_ends,
+    written_until,
+)
 from peft_deltamem.agents.store import DirectoryStore, InvalidSessionId, SessionBusy, SessionRecord
 from peft_deltamem.recall_task import build_tokenizer
 from peft_deltamem.tiny_models import tiny_model
@@ -87,6 +94,33 @@ def test_arrival_policy_writes_the_new_message_before_the_reply(tokenizer):
     assert plan.processed == 1 and len(plan.writes) == 1
 
 
+def test_prompt_writes_plan_each_message_in_the_first_prompt_that_shows_it(tokenizer):
+    """``write="prompt"``: a live turn writes the previous reply and the new question inside its reply prompt (no
+    call of its own); a history arriving at once is written in the prompts its turns would have shown, and a message
+    no turn's window shows (window 1: every reply) in the window that ends at it, reading as its turn's router says."""
+    user, assistant = ({"role": r, "content": c} for r, c in (("user", "alice likes teal ."), ("assistant", "ok")))
+    policy = SessionPolicy(window=2, write="prompt")
+    first = plan_turn([], 0, [user], tokenizer, policy)
+    assert first.processed == 1 and first.writes == [] and first.prompt_writes == [] and all(first.prompt_mask)
+    question = {"role": "user", "content": "bob likes ?"}
+    second = plan_turn([user, assistant], 1, [question], tokenizer, policy)
+    assert second.prompt_writes == [] and second.processed == 3
+    written = [t for t, m in zip(second.prompt, second.prompt_mask) if m]
+    assert tokenizer.decode(written) == "ok bob likes ?" and not second.prompt_mask[0]  # <bos> is not re-written
+    assert second.tokens_written == len(written)
+    at_once = plan_turn([], 0, [user, assistant, question], tokenizer, policy)
+    assert at_once.prompt == second.prompt and at_once.prompt_mask == second.prompt_mask
+    assert [(w.ids, w.mask, w.reads_for) for w in at_once.prompt_writes] == [
+        (first.prompt, first.prompt_mask, "alice likes teal .")
+    ]
+    narrow = plan_turn([], 0, [user, assistant, question], tokenizer, SessionPolicy(window=1, write="prompt"))
+    assert [(tokenizer.decode(w.ids), w.reads_for) for w in narrow.prompt_writes] == [
+        ("<bos> alice likes teal .", "alice likes teal ."), ("<bos> ok", "bob likes ?")
+    ]
+    assert written_until([user, assistant, question], policy) == 1  # only the first turn is closed
+    assert turn_ends([user, user, assistant, question]) == [1, 3]
+
+
 def test_a_client_resending_the_whole_conversation_adds_only_the_new_messages():
     log = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     c = {"role": "user", "content": "c"}
@@ -121,11 +155,13 @@ def test_policy_refuses_bad_values_by_name(kwargs, match):
 # ------------------------------------------------------------------------------------------- the engine
 
 
-def test_incremental_ingestion_equals_the_whole_history_at_once(model, tokenizer, tmp_path, one_thread):
-    turn_by_turn = engine_for(model, tokenizer, tmp_path / "a")
+@pytest.mark.parametrize("write", ["leave", "prompt"])
+def test_incremental_ingestion_equals_the_whole_history_at_once(model, tokenizer, tmp_path, one_thread, write):
+    policy = SessionPolicy(window=2, write=write)
+    turn_by_turn = engine_for(model, tokenizer, tmp_path / "a", policy=policy)
     replies = run_turns(turn_by_turn, "s")
     log = turn_by_turn.store.load("s").messages
-    at_once = engine_for(model, tokenizer, tmp_path / "b")
+    at_once = engine_for(model, tokenizer, tmp_path / "b", policy=policy)
     last = at_once.chat("s", log[:-1], PARAMS)  # the whole history up to the last question, in one request
     assert last.reply == replies[-1]
     assert at_once.store.load("s").processed == turn_by_turn.store.load("s").processed
@@ -133,6 +169,40 @@ def test_incremental_ingestion_equals_the_whole_history_at_once(model, tokenizer
         assert torch.equal(state, memory_of(at_once, "s")[name]), name
     assert any(t.abs().sum() > 0 for t in memory_of(at_once, "s").values())
     turn_by_turn.close(), at_once.close()
+
+
+class _Decline:
+    """A router that sends every reply to no memory."""
+
+    def check(self, model) -> None:
+        pass
+
+    def reads_memory(self, model, tokenizer, texts):
+        return [False] * len(texts)
+
+
+def test_prompt_writes_without_a_read_give_the_frozen_reply_and_still_write(model, tokenizer, tmp_path, one_thread):
+    """``write="prompt"`` with a router that declines every read: each reply is the no-memory engine's, and the
+    prompts still write; no message gets a forward call of its own (the engine's per-message writer never runs)."""
+    policy = SessionPolicy(window=2, write="prompt")
+    declining = engine_for(model, tokenizer, tmp_path / "d", policy=policy, router=_Decline())
+    declining._write = None  # a call would raise
+    baseline = engine_for(model, tokenizer, tmp_path / "n", policy=policy, memory=False)
+    assert run_turns(declining, "s") == run_turns(baseline, "s")
+    assert any(t.abs().sum() > 0 for t in memory_of(declining, "s").values())
+    stats = declining.stats("s")
+    assert stats["memory_reads"] == 0 and stats["tokens_written"] > 0
+    reading = engine_for(model, tokenizer, tmp_path / "r", policy=policy)
+    assert run_turns(reading, "s") != run_turns(baseline, "s")
+    declining.close(), baseline.close(), reading.close()
+
+
+def test_prompt_writes_need_a_token_write_adapter(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    base = tiny_model("llama", vocab_size=len(tokenizer))
+    segments = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", write_granularity="segment")).eval()
+    with pytest.raises(ValueError, match="write='prompt'.*segment"):
+        engine_for(segments, tokenizer, tmp_path, policy=SessionPolicy(write="prompt"))
 
 
 def test_memory_changes_the_reply_and_the_baseline_has_none(model, tokenizer, tmp_path, one_thread):
@@ -457,7 +527,7 @@ def _record(engine, session):
     return record.messages, DeltaMemory.from_bytes(record.memory).states, record.processed
 
 
-@pytest.mark.parametrize("write", ["leave", "arrival"])
+@pytest.mark.parametrize("write", ["leave", "arrival", "prompt"])
 @pytest.mark.parametrize(("checkpoint_every", "max_checkpoints"), [(1, 16), (1, 2), (3, 16), (100, 16)])
 @pytest.mark.parametrize("edit", ["regenerate", "early", "in_window"])
 def test_a_fork_equals_a_fresh_session_that_only_saw_the_new_branch(
@@ -597,20 +667,25 @@ def test_idle_sessions_expire_with_a_ttl(model, tokenizer, tmp_path, one_thread)
             DirectoryStore(tmp_path, ttl=bad)
 
 
+@pytest.mark.parametrize("write", ["leave", "prompt"])
 def test_compiled_decoding_gives_the_eager_replies_and_memories_and_compiles_only_at_warm_up(
-    model, tokenizer, tmp_path, one_thread
+    model, tokenizer, tmp_path, one_thread, write
 ):
     """``compile=True`` decodes with a static cache and torch.compile: the same replies and memories as the eager
     engine, sessions batched; ``warm_up`` compiles the decoding step (dynamic in batch and length, no graph break),
-    so later turns of other batch sizes (one row included) and prompt lengths compile nothing more."""
+    so later turns of other batch sizes (one row included) and prompt lengths compile nothing more. With
+    ``write="prompt"`` the prefill writes and the decoding step reads with per-row read flags."""
     from conftest import require_cxx_compiler
 
     require_cxx_compiler()
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    eager = engine_for(model, tokenizer, tmp_path / "eager", max_batch_size=3, batch_wait_s=0.3)
-    compiled = engine_for(model, tokenizer, tmp_path / "compiled", max_batch_size=3, batch_wait_s=0.3, compile=True)
+    policy = SessionPolicy(window=2, write=write)
+    eager = engine_for(model, tokenizer, tmp_path / "eager", max_batch_size=3, batch_wait_s=0.3, policy=policy)
+    compiled = engine_for(
+        model, tokenizer, tmp_path / "compiled", max_batch_size=3, batch_wait_s=0.3, compile=True, policy=policy
+    )
     compiled.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1 and not counters["graph_break"], dict(counters["graph_break"])

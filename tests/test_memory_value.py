@@ -537,6 +537,59 @@ def test_generate_applies_prompt_write_masks_and_segment_ids(granularity):
     assert not states_equal(unmasked.states, forward.states, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["token", "segment"])
+def test_rows_that_do_not_read_get_the_frozen_outputs_and_still_write(granularity):
+    """``memory_reads``: a row that does not read gives the frozen model's logits, bit for bit, and writes what a
+    reading row writes from the frozen hidden states; reading rows are untouched; one call, forward or generate."""
+    model = gen_model(write_granularity=granularity)
+    extra = {"memory_segment_ids": torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2]] * 2)} if granularity == "segment" else {}
+    prompt = random_ids(2, 8)
+    filled = model.new_memory(2)
+    with torch.no_grad():
+        model(input_ids=random_ids(2, 8, seed=11), memory=filled, **extra)
+    mixed, reading = filled.clone(), filled.clone()
+    with torch.no_grad():
+        got = model(input_ids=prompt, memory=mixed, memory_reads=torch.tensor([True, False]), **extra).logits
+        want = model(input_ids=prompt, memory=reading, **extra).logits
+        with model.disable_adapter():
+            frozen = model(input_ids=prompt).logits
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], frozen[1]) and not torch.equal(want[1], frozen[1])
+    assert all(torch.equal(mixed.states[k][0], reading.states[k][0]) for k in mixed.states)
+    assert all(not torch.equal(mixed.states[k][1], filled.states[k][1]) for k in mixed.states)  # row 1 wrote
+    if granularity == "token":  # generate: the same rows read, the reply as the frozen model's for row 1
+        quiet = filled.clone()
+        with torch.no_grad():
+            reads = torch.tensor([True, False])
+            out = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, memory=quiet, memory_reads=reads)
+            with model.disable_adapter():
+                plain = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+        assert torch.equal(out[1], plain[1])
+    with pytest.raises(ValueError, match="memory_reads has 3 entries but the call has 2"):
+        model(input_ids=prompt, memory=filled.clone(), memory_reads=torch.tensor([True, False, True]), **extra)
+    for bad in ("no", torch.tensor([1, 0]), torch.ones(2, 1, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="memory_reads must be True, False or a 1-D bool tensor"):
+            model(input_ids=prompt, memory=filled.clone(), memory_reads=bad, **extra)
+
+
+def test_generate_can_write_chosen_prompt_tokens_and_not_the_reply():
+    """``memory_write_generated=False`` with a write mask: the memory after generate() is the masked prompt's write,
+    whatever the adapter's ``write_generated_tokens``; the reply reads it."""
+    model = gen_model(write_generated_tokens=True)
+    prompt = random_ids(2, 8)
+    write_mask = torch.zeros_like(prompt, dtype=torch.bool)
+    write_mask[:, 2:6] = True
+    generated, forward = model.new_memory(2), model.new_memory(2)
+    with torch.no_grad():
+        model.generate(
+            input_ids=prompt, max_new_tokens=3, do_sample=False, memory=generated, memory_write_mask=write_mask,
+            memory_write_generated=False,
+        )  # fmt: skip
+        model(input_ids=prompt, memory=forward, memory_write_mask=write_mask)
+    assert not forward.is_empty and states_equal(generated.states, forward.states)
+    with pytest.raises(TypeError, match="memory_write_generated"):
+        model.generate(input_ids=prompt, max_new_tokens=1, memory=model.new_memory(2), memory_write_generated=1)
+
+
 def test_generate_under_inference_mode_then_a_training_call():
     model = gen_model()
     memory = model.new_memory(1)

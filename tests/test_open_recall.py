@@ -62,6 +62,16 @@ def test_replies_come_from_the_engine_and_are_scored(chat_model):
     assert not model.training
 
 
+def test_the_write_policy_reaches_every_memory_condition_but_context_memory(chat_model, monkeypatch):
+    model, tok = chat_model
+    seen = []
+    monkeypatch.setattr(open_recall, "engine_replies", lambda *a, **k: seen.append(k) or ["x"] * len(a[2]))
+    conditions = ("memory", "other_memory", "context_memory", "window")
+    open_recall.evaluate(model, tok, [_episode("teal")], conditions=conditions, general=True, write="prompt")
+    writes = [k.get("write") for k in seen if k["memory"]]
+    assert writes == ["prompt", "prompt", "arrival", "prompt", "prompt"]  # + general_memory, general_fresh_memory
+
+
 def test_scores_and_targets():
     episodes = [_episode("teal"), _episode("gold", stale=("teal",)), _episode(None)]
     s = open_recall.score(["It is teal.", "teal, I think", "You haven't told me."], episodes)

@@ -339,3 +339,21 @@ def test_token_step_follows_the_chosen_implementation() -> None:
     for name, enabled in (("naive", False), ("chunk", False), ("fused_recurrent", True), ("auto", True)):
         with use_impl(name):
             assert ops.token_step_enabled() is enabled
+
+
+def test_the_step_form_without_autograd_updates_in_place_with_the_same_numbers() -> None:
+    """Without autograd the step form updates its state in place (no allocation per step, the cost that dominated
+    at r = 64): the same numbers, bit for bit, as with autograd, and the caller's initial state untouched."""
+    q, k, v, beta, s0 = make_inputs(2, 3, 11, 64, seed=5)
+    mask = make_mask("random", 2, 11)
+    before = s0.clone()
+    with torch.no_grad():
+        reads, final = fused_recurrent_delta_rule(q, k, v, beta, s0, mask)
+    assert torch.equal(s0, before)
+    graph = [t.clone().requires_grad_(True) for t in (q, k, v, beta, s0)]
+    reads_g, final_g = fused_recurrent_delta_rule(*graph, mask)
+    assert torch.equal(reads, reads_g.detach()) and torch.equal(final, final_g.detach())
+    (reads_g.sum() + final_g.sum()).backward()
+    assert all(t.grad is not None for t in graph)
+    naive_reads, naive_final = naive_delta_rule(q, k, v, beta, s0, mask)
+    assert_close(reads, naive_reads, 1e-5), assert_close(final, naive_final, 1e-5)

@@ -72,11 +72,14 @@ def _engine(args: argparse.Namespace):
     decoding = "eager decoding"
     if compile_:
         decoding = f"compiled decoding (warmed up in {engine.warm_up():.0f} s)"
-    print(f"model {name}, window of {window} messages, {reads}, {decoding}", file=sys.stderr)
+    writes = "" if args.no_memory else f", messages written {WRITTEN[args.write]}"
+    print(f"model {name}, window of {window} messages{writes}, {reads}, {decoding}", file=sys.stderr)
     return engine, name
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# SessionPolicy.write's values (agents.session.WRITE_WHEN), as the start-up line says them
+WRITTEN = {"leave": "as they leave the window", "arrival": "as they arrive", "prompt": "by the prompt that shows them"}
 API_KEY_ENV = "PEFT_DELTAMEM_API_KEY"
 
 
@@ -191,8 +194,10 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--session-ttl", type=float, default=None, help="forget a session idle for this many seconds (default: never)"
     )
     sessions.add_argument(
-        "--write", choices=("leave", "arrival"), default="leave", help="when a message is written (default: leave)"
-    )
+        "--write", choices=tuple(WRITTEN), default="leave",
+        help="when a message is written: in a call of its own as it leaves the window (leave, the default) or as it "
+        "arrives (arrival), or in the reply prompt that first shows it, at no cost of its own (prompt)",
+    )  # fmt: skip
     sessions.add_argument(
         "--write-roles", nargs="+", default=["user", "assistant"], help="whose messages are written (default: both)"
     )

@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from .runtime import SEGMENT_IDS_KWARG, WRITES_KWARG, CallRecord, check_bool
+from .runtime import SEGMENT_IDS_KWARG, WRITES_KWARG, CallRecord, check_bool, check_reads
 from .state import DeltaMemory
 
 _CACHE_CLASSES: dict[type, type] = {}
@@ -77,6 +77,7 @@ class Generation:
         segment_ids: torch.Tensor | None,
         track_steps: bool,
         attention_mask: torch.Tensor | None = None,
+        read_rows: torch.Tensor | None = None,
     ) -> None:
         self.runtime = runtime
         self.attention_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
@@ -88,6 +89,7 @@ class Generation:
         self.write_mask = write_mask
         self.segment_ids = segment_ids
         self.track_steps = track_steps
+        self.read_rows = read_rows
         if memory is not None:
             states, self.version = memory._snapshot()
             self.initial = {(name, memory.adapter_name): t for name, t in states.items()}
@@ -139,6 +141,11 @@ class Generation:
             record.attention_mask = self._tracked_mask(batch, past + length, ids.device)
         record.past_length = past
         record.track_steps = self.track_steps and cached
+        if self.read_rows is not None:
+            rows = self.read_rows
+            if rows.numel() and rows.shape[0] != batch:
+                rows = rows.repeat_interleave(batch // rows.shape[0])
+            record.read_rows = rows
         record.writes = self.writes and (self.write_generated or past < self.prompt_length)
         start, end = past, past + length
         if record.writes and (self.write_mask is not None or not self.write_generated):
@@ -244,6 +251,8 @@ def generate_with_memory(
     memory: DeltaMemory | None = None,
     memory_writes: bool = True,
     memory_write_mask: torch.Tensor | None = None,
+    memory_write_generated: bool | None = None,
+    memory_reads: bool | torch.Tensor = True,
     memory_segment_ids: torch.Tensor | None = None,
     memory_input_ids: torch.Tensor | None = None,
     memory_attention_mask: torch.Tensor | None = None,
@@ -258,12 +267,19 @@ def generate_with_memory(
       an empty memory and keeps nothing);
     - ``memory_writes=False``: nothing is written; ``memory_write_mask`` / ``memory_segment_ids`` describe
       the prompt's tokens;
+    - ``memory_write_generated``: whether the generated tokens are written (default: the adapter's
+      ``write_generated_tokens``); ``False`` with a write mask writes chosen prompt tokens only;
+    - ``memory_reads``: False, or a (batch,) bool tensor of the rows that read the memory: the other rows'
+      tokens do not read it (their outputs are the frozen model's) but still write what the call writes;
     - ``memory_input_ids`` (+ ``memory_attention_mask``; ``memory_segment_ids`` then describe that stream):
       an episode: the stream is written into a fresh memory that the prompt and the generated tokens read
       without writing.
     """
     original = type(model).generate
     check_bool(memory_writes, WRITES_KWARG)
+    if memory_write_generated is not None:
+        check_bool(memory_write_generated, "memory_write_generated")
+    read_rows = check_reads(memory_reads)
     adapters = runtime.active_adapters()
     if memory is not None:
         runtime.check_memory(memory)
@@ -297,6 +313,11 @@ def generate_with_memory(
             "with one row per prompt; for several replies to one prompt, pass one prompt row and "
             "num_return_sequences (or num_beams).".replace("{0}", str(prompt.shape[0]))
         )
+    if read_rows is not None and read_rows.numel() and prompt is not None and read_rows.shape[0] != prompt.shape[0]:
+        raise ValueError(
+            f"memory_reads has {read_rows.shape[0]} entries but generate() got {prompt.shape[0]} prompt rows; pass "
+            "one bool per prompt row."
+        )
     generation_config = kwargs.get("generation_config") or model.generation_config
     rollback = any(
         kwargs.get(name, getattr(generation_config, name, None)) not in (None, False) for name in _ROLLBACK_OPTIONS
@@ -312,11 +333,16 @@ def generate_with_memory(
         adapters[0],
         prompt_length=prompt.shape[1] if prompt is not None else 0,
         writes=memory_writes,
-        write_generated=all(runtime.configs[a].write_generated_tokens for a in adapters),
+        write_generated=(
+            all(runtime.configs[a].write_generated_tokens for a in adapters)
+            if memory_write_generated is None
+            else memory_write_generated
+        ),
         write_mask=memory_write_mask,
         segment_ids=memory_segment_ids,
         track_steps=rollback,
         attention_mask=kwargs.get("attention_mask"),
+        read_rows=read_rows,
     )
     lock = memory._lock if memory is not None else contextlib.nullcontext()
     previous = runtime.generation

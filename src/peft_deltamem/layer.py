@@ -42,19 +42,32 @@ _GLOBAL_HOOKS = tuple(
 _DIRECT_LINEAR = all(isinstance(hooks, dict) for hooks in _GLOBAL_HOOKS)
 
 
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for one of the adapter's Linear layers; a plain ``nn.Linear`` with no hooks (nothing gathers,
-    shards or observes it) is applied directly, without the module call's dispatch (a few µs per layer and token).
+def _direct(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with no hooks: nothing gathers, shards or observes it, so it can be applied directly.
     Sharding wrappers (FSDP2 replaces the class, ZeRO-3 registers hooks) and user hooks keep the module call."""
-    if (
+    return (
         _DIRECT_LINEAR
         and type(module) is nn.Linear
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not (module._backward_hooks or module._backward_pre_hooks)
         and not any(_GLOBAL_HOOKS)
-    ):
+    )
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for one of the adapter's Linear layers, without the module call's dispatch when it is plain
+    (a few µs per layer and token)."""
+    if _direct(module):
         return F.linear(x, module.weight, module.bias)
     return module(x)
+
+
+def _query_rows(module: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` outputs of the memory projection (the query block: all that a call that only reads
+    needs), computed alone for a plain Linear; other modules (quantized, sharded, hooked) run whole, then sliced."""
+    if _direct(module):
+        return F.linear(x, module.weight[:rows], module.bias[:rows] if module.bias is not None else None)
+    return module(x)[..., :rows]
 
 
 @dataclass(frozen=True)
@@ -338,7 +351,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         batch, length, _ = x.shape
         valid = record.token_mask(batch, length, x.device)
         state = self._input_state(adapter, record, batch, x.device)
-        projected = _linear(write, x)
+        projected = _linear(write, x) if record.writes else _query_rows(write, x, settings.width)
         key = (self.layer_name, adapter)
         if length == 1 and self._takes_token_step(settings, record):
             write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
@@ -347,6 +360,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             record.final_states[key] = final if record.keep_graph else final.detach()
             if valid is not None:
                 read = read * valid.view(batch, 1, 1)
+            if record.read_rows is not None:
+                read = read * _read_rows(record.read_rows, batch, read.device).view(batch, 1, 1)
             if settings.read_gate:
                 read = self._gate(adapter, x, read, settings)
             out = _linear(out_proj, read if read.dtype == dtype else read.to(dtype))
@@ -358,6 +373,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         record.final_states[key] = final if record.keep_graph else final.detach()
         if valid is not None:
             reads = reads * valid[:, None, :, None]
+        if record.read_rows is not None:
+            reads = reads * _read_rows(record.read_rows, batch, reads.device).view(batch, 1, 1, 1)
         reads = reads.transpose(1, 2).reshape(batch, length, settings.width)
         if settings.read_gate:
             reads = self._gate(adapter, x, reads, settings)
@@ -409,10 +426,10 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 
     def _token_scan(self, adapter, projected, state, valid, record):
         settings = self.settings[adapter]
-        q, k, v, gate = (self._heads(p, settings) for p in projected.split(settings.width, dim=-1))
-        q = F.normalize(torch.tanh(q), dim=-1)
-        if not record.writes:
+        q = F.normalize(torch.tanh(self._heads(projected[..., : settings.width], settings)), dim=-1)
+        if not record.writes:  # the projection holds the query block only
             return ops.read_only(q, state), state
+        k, v, gate = (self._heads(p, settings) for p in projected[..., settings.width :].split(settings.width, dim=-1))
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
         write_mask = self._write_mask(valid, record, projected.shape[0], projected.shape[1])
@@ -508,3 +525,14 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 from . import _register_if_ready  # noqa: E402
 
 _register_if_ready()
+
+
+def _read_rows(rows: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """The (batch,) float mask of rows that read the memory (``memory_reads``; empty: no row reads)."""
+    if rows.numel() == 0:
+        return torch.zeros(batch, device=device)
+    if rows.shape[0] != batch:
+        raise ValueError(
+            f"memory_reads has {rows.shape[0]} entries but the call has {batch} batch rows; pass one bool per row."
+        )
+    return rows.to(device=device, dtype=torch.float32)

@@ -27,6 +27,7 @@ MEMORY_KWARG = "memory"
 WRITES_KWARG = "memory_writes"
 SEGMENT_IDS_KWARG = "memory_segment_ids"
 WRITE_MASK_KWARG = "memory_write_mask"
+READS_KWARG = "memory_reads"
 
 Key = tuple  # (layer name, adapter name)
 
@@ -42,7 +43,7 @@ class CallRecord:
     __slots__ = (
         "attention_mask", "segment_ids", "write_mask", "writes", "initial", "keep_graph", "track_steps",
         "write_gate_stats", "memory", "memory_version", "generation", "past_length", "loss_terms", "input_states",
-        "final_states", "step_states", "previous", "weights_hash", "masks", "_token_step",
+        "final_states", "step_states", "previous", "weights_hash", "masks", "_token_step", "read_rows",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +78,8 @@ class CallRecord:
         self.weights_hash: str | None = None  # fingerprint of the adapter weights, taken once by the memory check
         self.masks: dict = {}  # (batch, length, device) -> token_mask, computed once per call
         self._token_step: bool | None = None
+        # None: every row reads the memory; a (batch,) bool tensor: which rows read (memory_reads=)
+        self.read_rows: torch.Tensor | None = None
 
     def takes_token_step(self) -> bool:
         """Whether this call's single-token steps can take the fused step (token-write layers; see
@@ -122,6 +125,20 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
     return value
+
+
+def check_reads(value) -> torch.Tensor | None:
+    """``memory_reads``: True (every row reads the memory: None), False or a 1-D bool tensor of rows that read."""
+    if value is True:
+        return None
+    if value is False:
+        return torch.zeros(0, dtype=torch.bool)  # no row reads: expanded to the batch by the layers
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.dtype == torch.bool:
+        return value
+    raise TypeError(
+        f"{READS_KWARG} must be True, False or a 1-D bool tensor with one entry per batch row (which rows read the "
+        f"memory; the others still write), got {value!r}."
+    )
 
 
 def _mask_tensor(value, name: str) -> torch.Tensor | None:
@@ -335,6 +352,14 @@ class MemoryRuntime:
         record = CallRecord(
             attention_mask=attention_mask, segment_ids=segment_ids, write_mask=write_mask, writes=writes
         )
+        record.read_rows = check_reads(kwargs.pop(READS_KWARG, True))
+        batch = _call_batch(kwargs)
+        if record.read_rows is not None and record.read_rows.numel() and batch is not None:
+            if record.read_rows.shape[0] != batch:
+                raise ValueError(
+                    f"{READS_KWARG} has {record.read_rows.shape[0]} entries but the call has {batch} batch rows; "
+                    "pass one bool per row."
+                )
         if memory is not None:
             if memory_stream is not None:
                 raise ValueError(

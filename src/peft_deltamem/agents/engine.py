@@ -115,11 +115,11 @@ class ChatEngine:
     ``store`` a :class:`~peft_deltamem.agents.store.SessionStore`. ``memory=False`` serves the same sessions and
     window without the memory (the adapter disabled, nothing written): the baseline to compare against.
     ``router`` (a :class:`~peft_deltamem.agents.router.MemoryRouter`) decides per reply, from the user's last
-    message, whether the reply reads the session's memory; a reply that does not is generated with an empty memory
-    (exactly the frozen model's reply). Writes are unchanged; the session's ``memory_reads`` counter says how many
-    replies read it. ``compile=True`` decodes with a static cache and ``torch.compile`` (transformers'
-    ``compile_config``: the decoding steps compiled, the prefill eager); call :meth:`warm_up` before serving so the
-    first turns do not pay for the compilation.
+    message, whether the reply reads the session's memory; a reply that does not is exactly the frozen model's reply
+    (generated with an empty memory, or, when the prompt writes (``write="prompt"``), with its rows' reads off).
+    Writes are unchanged; the session's ``memory_reads`` counter says how many replies read it. ``compile=True``
+    decodes with a static cache and ``torch.compile`` (transformers' ``compile_config``: the decoding steps compiled,
+    the prefill eager); call :meth:`warm_up` before serving so the first turns do not pay for the compilation.
     """
 
     def __init__(
@@ -156,6 +156,11 @@ class ChatEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = _stop_ids(model, tokenizer)
         self.segment_writes = _segment_writes(model)
+        if self.policy.write == "prompt" and self.segment_writes and memory:
+            raise ValueError(
+                "write='prompt' writes messages inside the reply prompt, one token at a time; this adapter writes "
+                "segments (write_granularity='segment'). Use write='leave' or 'arrival' with it."
+            )
         self.compile_config = _compile_config(self._device()) if compile else None
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -350,26 +355,35 @@ class ChatEngine:
                     request.future.set_exception(error)
                     continue
                 if not self.memory:
-                    plan.writes = []
+                    plan.writes, plan.prompt_writes, plan.prompt_mask = [], [], None
                 ready.append((request, record, plan, memory))
             if not ready:
                 return
             started = time.perf_counter()
-            memories = self._write([plan.writes for _, _, plan, _ in ready], [m for *_, m in ready])
-            reads = self._reads([plan.messages for _, _, plan, _ in ready])
-            clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
-            replies = self._generate(
-                [r for r, *_ in ready],
-                [plan.prompt for _, _, plan, _ in ready],
-                [m if read else self.model.new_memory(batch_size=1) for m, read in zip(memories, reads)],
-                clock,
-            )
+            plans = [plan for _, _, plan, _ in ready]
+            if self.policy.write == "prompt" and self.memory:
+                memories, reads = self._prompt_writes(plans, [m for *_, m in ready])
+                clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
+                replies, memories = self._generate(
+                    [r for r, *_ in ready], [p.prompt for p in plans], memories, clock,
+                    write_masks=[p.prompt_mask for p in plans], reads=reads,
+                )  # fmt: skip
+            else:
+                memories = self._write([plan.writes for plan in plans], [m for *_, m in ready])
+                reads = self._reads([plan.messages[-1]["content"] for plan in plans])
+                clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
+                replies, _ = self._generate(
+                    [r for r, *_ in ready],
+                    [plan.prompt for plan in plans],
+                    [m if read else self.model.new_memory(batch_size=1) for m, read in zip(memories, reads)],
+                    clock,
+                )
             if clock is not None:
                 end = time.perf_counter()
                 first = clock.first if clock.first is not None else end
                 self.on_batch(BatchStats(
                     sessions=len(ready),
-                    tokens_written=sum(len(w) for _, _, plan, _ in ready for w in plan.writes),
+                    tokens_written=sum(plan.tokens_written for plan in plans),
                     prompt_tokens=sum(len(plan.prompt) for _, _, plan, _ in ready),
                     new_tokens=sum(len(tokens) for tokens, _ in replies),
                     write_s=clock.start - started, prefill_s=first - clock.start, decode_s=end - first,
@@ -380,7 +394,7 @@ class ChatEngine:
                 stats["turns"] = stats.get("turns", 0) + 1
                 if self.router is not None:
                     stats["memory_reads"] = stats.get("memory_reads", 0) + read
-                stats["tokens_written"] = stats.get("tokens_written", 0) + sum(len(w) for w in plan.writes)
+                stats["tokens_written"] = stats.get("tokens_written", 0) + plan.tokens_written
                 checkpoints, checkpoint_memory = record.checkpoints, record.checkpoint_memory
                 if (
                     self.memory
@@ -402,9 +416,7 @@ class ChatEngine:
                     checkpoint_memory=checkpoint_memory,
                 )
                 self.store.save(request.session_id, new_record)
-                request.future.set_result(
-                    TurnResult(reply, len(plan.prompt), len(tokens), sum(len(w) for w in plan.writes), finish)
-                )
+                request.future.set_result(TurnResult(reply, len(plan.prompt), len(tokens), plan.tokens_written, finish))
 
     def _fork(self, record: SessionRecord, keep: int, new: list) -> SessionRecord:
         """The session cut to ``record.messages[:keep]``, its memory as it was after the messages it may still hold:
@@ -444,24 +456,49 @@ class ChatEngine:
                 memories[i] = memory.select([j])
         return memories
 
-    def _reads(self, conversations: list[list[dict]]) -> list[bool]:
-        """Whether each row's reply reads its memory: the router's decision on the turn's last message (a user
-        message: ``check_new_messages``); without a router every reply reads it."""
-        if self.router is None:
-            return [True] * len(conversations)
-        return self.router.reads_memory(self.model, self.tokenizer, [c[-1]["content"] for c in conversations])
+    @torch.no_grad()
+    def _prompt_writes(self, plans: list, memories: list[DeltaMemory]) -> tuple[list[DeltaMemory], list[bool]]:
+        """``write="prompt"``: run each row's earlier prompts in order (prefill only, rows batched, each reading as
+        the router decides for its user message) and return the memories and the reply prompts' read decisions."""
+        texts = [w.reads_for for plan in plans for w in plan.prompt_writes] + [p.messages[-1]["content"] for p in plans]
+        decisions = iter(self._reads(texts))
+        earlier = [[next(decisions) for _ in plan.prompt_writes] for plan in plans]
+        reads = [next(decisions) for _ in plans]
+        memories = list(memories)
+        for step in range(max((len(p.prompt_writes) for p in plans), default=0)):
+            rows = [i for i, p in enumerate(plans) if len(p.prompt_writes) > step]
+            writes = [plans[i].prompt_writes[step] for i in rows]
+            requests = [_Request("write", [], GenerationParams(max_new_tokens=1), None) for _ in rows]
+            _, written = self._generate(
+                requests, [w.ids for w in writes], [memories[i] for i in rows],
+                write_masks=[w.mask for w in writes], reads=[earlier[i][step] for i in rows],
+            )  # fmt: skip
+            for j, i in enumerate(rows):
+                memories[i] = written[j]
+        return memories, reads
+
+    def _reads(self, texts: list[str]) -> list[bool]:
+        """Whether each reply reads its memory: the router's decision on the user message it answers (the turn's
+        last message: ``check_new_messages``); without a router every reply reads it."""
+        if self.router is None or not texts:
+            return [True] * len(texts)
+        return self.router.reads_memory(self.model, self.tokenizer, texts)
 
     @torch.no_grad()
     def _generate(
         self, requests: list[_Request], prompts: list[list[int]], memories: list[DeltaMemory], clock=None,
-        min_new_tokens: int = 0,
+        min_new_tokens: int = 0, write_masks: list[list[bool]] | None = None, reads: list[bool] | None = None,
     ):  # fmt: skip
-        """One generate over all rows (left padding), reading the memories without writing; ``clock`` (a
-        :class:`_FirstToken`) notes when the first new token came."""
+        """One generate over all rows (left padding); ``clock`` (a :class:`_FirstToken`) notes when the first new
+        token came. Without ``write_masks`` the rows read their memories without writing; with them the prompt
+        tokens they mark are written (not the reply) and the rows read as ``reads`` says. Returns the replies and,
+        with ``write_masks``, each request's memory after the prompt's writes (else None)."""
         device = self._device()
         if self.compile_config is not None:  # a few batch sizes, each compiled once (warm_up): 1, 2, 4, 8, ...
             extra = _bucket(len(requests)) - len(requests)  # copies of the first row (greedy: they stop with it)
             prompts, memories = prompts + [prompts[0]] * extra, memories + [memories[0]] * extra
+            if write_masks is not None:
+                write_masks, reads = write_masks + [write_masks[0]] * extra, reads + [reads[0]] * extra
         ids, mask = pad_rows(prompts, self.pad_id, "left")
         width = ids.shape[1]
         params = requests[0].params
@@ -473,6 +510,16 @@ class ChatEngine:
         if clock is not None:
             clock.inner, streamer = streamer, clock
         kwargs = {"memory": DeltaMemory.cat(memories), "memory_writes": False} if self.memory else {}
+        if self.memory and write_masks is not None:
+            width = ids.shape[1]
+            written = torch.zeros(ids.shape, dtype=torch.bool)
+            for j, row in enumerate(write_masks):
+                if row:
+                    written[j, width - len(row) :] = torch.tensor(row, dtype=torch.bool)
+            kwargs.update(
+                memory_writes=True, memory_write_mask=written.to(device), memory_write_generated=False,
+                memory_reads=torch.tensor(reads, dtype=torch.bool, device=device),
+            )  # fmt: skip
         if self.compile_config is not None:
             kwargs.update(cache_implementation="static", compile_config=self.compile_config)
         with contextlib.nullcontext() if self.memory else adapters_disabled(self.model):
@@ -495,7 +542,9 @@ class ChatEngine:
                 results.append((generated[:stop], "stop"))
             else:
                 results.append((generated, "length"))
-        return results
+        if write_masks is None or not self.memory:
+            return results, None
+        return results, [kwargs["memory"].select([j]) for j in range(len(requests))]
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -513,7 +562,13 @@ class ChatEngine:
             requests = [_Request("warm-up", [], GenerationParams(max_new_tokens=4), None) for _ in range(rows)]
             prompts = [[self.pad_id] * (width + j) for j in range(rows)]
             memories = [self.model.new_memory(batch_size=1) for _ in range(rows)]
-            self._generate(requests, prompts, memories, min_new_tokens=4)  # every decoding step runs
+            if self.memory and self.policy.write == "prompt":  # the decoding step of turns that write their prompt
+                self._generate(
+                    requests, prompts, memories, min_new_tokens=4,
+                    write_masks=[[True] * len(p) for p in prompts], reads=[True] * rows,
+                )  # fmt: skip
+            else:
+                self._generate(requests, prompts, memories, min_new_tokens=4)  # every decoding step runs
         return time.perf_counter() - started
 
 

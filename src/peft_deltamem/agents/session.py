@@ -2,12 +2,17 @@
 
 A session is a message log plus a memory. The last ``window`` messages (and a leading system message) stay
 visible: they are the prompt of every reply, rendered with the tokenizer's chat template exactly as a training
-episode's visible stream. Older messages live only in memory. Each message is written **once**, in a call of
+episode's visible stream. Older messages live only in memory. Each message is written **once**: in a call of
 its own (its tokens attend to each other and read the memory of everything before), when it leaves the window
 (``write="leave"``, the default, as in training where the memory stream is the history before the visible
-turns) or when it arrives (``write="arrival"``). ``write_roles`` chooses whose messages are written (e.g.
-``("assistant",)`` keeps the user's questions out of memory). Because the unit of writing is the message, the
-memory does not depend on how the messages arrived: one per turn, or a whole history at once.
+turns) or when it arrives (``write="arrival"``); or, with ``write="prompt"``, in the forward pass of the first
+reply prompt that shows it complete (:func:`turn_ends`): the turn's prompt writes the previous reply and the new
+user message as the model reads them, so writing costs no forward pass of its own. A prompt's reads follow the
+router's decision on its user message; messages no prompt shows (a history longer than the window arriving at
+once) are written in the prompt a turn would have shown them in (or, if no turn's prompt shows them, the window
+that ends at them), run without a reply. ``write_roles`` chooses whose messages are written (e.g.
+``("assistant",)`` keeps the user's questions out of memory). The memory does not depend on how the messages
+arrived: one per turn, or a whole history at once.
 
 Clients edit and regenerate (``history="follow"``, the default): OpenAI-style clients resend the whole
 conversation every turn, so a request that starts with the session's first message **is** the conversation. If
@@ -24,11 +29,11 @@ repeat the first one, such as ``peft-deltamem chat``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..training.episodes import ROLES, EpisodeError, tokenize_messages, tokenize_prompt, validate_messages
 
-WRITE_WHEN = ("leave", "arrival")
+WRITE_WHEN = ("leave", "arrival", "prompt")
 HISTORY = ("follow", "append")
 
 
@@ -78,13 +83,33 @@ def thin_checkpoints(count: int, limit: int) -> list[int]:
 
 
 @dataclass
+class PromptWrite:
+    """A prompt run only to write (``write="prompt"``): its tokens, which of them are written, and the user message
+    whose router decision its reads follow."""
+
+    ids: list[int]
+    mask: list[bool]
+    reads_for: str
+
+
+@dataclass
 class TurnPlan:
     """The model work of one turn: messages to write (token ids, in order) and the reply prompt."""
 
     messages: list[dict[str, str]]  # the log including this turn's new messages
-    writes: list[list[int]]  # token ids of each message to write now, oldest first
+    writes: list[list[int]]  # token ids of each message to write now, oldest first ("leave", "arrival")
     prompt: list[int]  # the visible window + generation prompt
     processed: int  # messages[:processed] are written (or skipped) once the writes are done
+    prompt_writes: list[PromptWrite] = field(default_factory=list)  # "prompt": earlier prompts, run first, in order
+    prompt_mask: list[bool] | None = None  # "prompt": which tokens of the reply prompt are written
+
+    @property
+    def tokens_written(self) -> int:
+        return (
+            sum(map(len, self.writes))
+            + sum(sum(w.mask) for w in self.prompt_writes)
+            + (sum(self.prompt_mask) if self.prompt_mask else 0)
+        )
 
 
 def check_new_messages(messages: object, max_messages: int, max_chars: int) -> list[dict[str, str]]:
@@ -134,7 +159,20 @@ def written_until(messages: list[dict[str, str]], policy: SessionPolicy) -> int:
     conversation = len(messages) - pinned
     if policy.write == "arrival":
         return len(messages)
+    if policy.write == "prompt":  # whole turns: those whose user message has a reply (or more) after it
+        closed = [e for e in turn_ends(messages[pinned:]) if e < conversation - 1]
+        return pinned + (closed[-1] + 1 if closed else 0)
     return pinned + max(0, conversation - policy.window)
+
+
+def turn_ends(conversation: list[dict[str, str]]) -> list[int]:
+    """Indices of the user messages a reply follows (or would: the last message): the end of each turn's prompt.
+    Under ``write="prompt"`` each message is written by the first turn whose index is at or after its own."""
+    return [
+        e
+        for e, m in enumerate(conversation)
+        if m["role"] == "user" and (e + 1 == len(conversation) or conversation[e + 1]["role"] != "user")
+    ]
 
 
 def rollback_point(
@@ -155,6 +193,8 @@ def plan_turn(
     messages = log + new
     if any(m["role"] == "system" for m in messages[1:]):
         raise ValueError("only the first message of a session may be a system message")
+    if policy.write == "prompt":
+        return _plan_prompt_writes(messages, processed, tokenizer, policy)
     pinned = messages[:1] if messages[0]["role"] == "system" else []
     conversation = messages[len(pinned) :]
     visible_start = max(0, len(conversation) - policy.window)
@@ -170,14 +210,84 @@ def plan_turn(
     return TurnPlan(messages, [w for w in writes if w], prompt, len(pinned) + max(due_end, start))
 
 
+def _plan_prompt_writes(messages: list[dict[str, str]], processed: int, tokenizer, policy: SessionPolicy) -> TurnPlan:
+    """``write="prompt"``: each unwritten message is written in the prompt of the first turn that ends at or after
+    it (a prompt run without a reply for earlier turns, the reply prompt for this one), or, if that prompt's window
+    does not show it, in a prompt of its own: the window that ends at it."""
+    pinned = messages[:1] if messages[0]["role"] == "system" else []
+    conversation = messages[len(pinned) :]
+    start = max(processed - len(pinned), 0)
+    ends = [e for e in turn_ends(conversation) if e >= start]
+    if not ends or ends[-1] != len(conversation) - 1:
+        raise ValueError("a turn's last message must come from the user")
+    own = _own_tokens(pinned, conversation, start, tokenizer)  # each message's tokens as the whole log renders them
+    earlier: list[PromptWrite] = []
+    prompt, prompt_mask = [], None
+    first = start
+    for e in ends:
+        visible = max(0, e - policy.window + 1)
+        written = [k for k in range(first, e + 1) if conversation[k]["role"] in policy.write_roles]
+        reads_for = conversation[e]["content"]
+        for k in (k for k in written if k < visible):  # not shown by the turn's window: the window ending at it
+            ids, mask = _prompt_with_mask(pinned, conversation, max(0, k - policy.window + 1), k, [k], own, tokenizer)
+            earlier.append(PromptWrite(ids, mask, reads_for))
+        ids, mask = _prompt_with_mask(
+            pinned, conversation, visible, e, [k for k in written if k >= visible], own, tokenizer
+        )
+        if e == len(conversation) - 1:
+            prompt, prompt_mask = ids, mask
+        elif any(mask):
+            earlier.append(PromptWrite(ids, mask, reads_for))
+        first = e + 1
+    return TurnPlan(messages, [], prompt, len(messages), earlier, prompt_mask)
+
+
+def _own_tokens(pinned, conversation, start: int, tokenizer) -> dict[int, list[int]]:
+    """Tokens of each conversation message from ``start`` on, as the rendering of the whole log gives them."""
+    ids, segments, _ = tokenize_messages(pinned + conversation, tokenizer, first=len(pinned) + start)
+    own: dict[int, list[int]] = {}
+    for token, segment in zip(ids, segments):
+        if segment >= len(pinned) + start:
+            own.setdefault(segment - len(pinned), []).append(token)
+    return own
+
+
+def _prompt_with_mask(pinned, conversation, lo, e, write, own, tokenizer) -> tuple[list[int], list[bool]]:
+    """The reply prompt showing ``pinned + conversation[lo:e + 1]`` and the mask of the tokens of messages ``write``
+    (each message's own tokens: a template prefix rendered before the window's first message is not written)."""
+    shown = pinned + conversation[lo : e + 1]
+    ids = tokenize_prompt(shown, tokenizer)
+    body, segments, _ = tokenize_messages(shown, tokenizer)
+    if ids[: len(body)] != body:
+        raise ValueError(
+            "write='prompt' needs a chat template that renders a prompt as the messages followed by the generation "
+            "prompt; this tokenizer's does not. Use write='leave'."
+        )
+    mask = [False] * len(ids)
+    offset = len(pinned) - lo
+    for k in write:
+        positions = [i for i, s in enumerate(segments) if s == k + offset]
+        tokens = own[k]
+        if len(positions) < len(tokens) or [body[i] for i in positions[-len(tokens) :]] != tokens:
+            raise ValueError(
+                f"message {k} renders differently in the prompt than in the whole conversation; write='prompt' needs "
+                "an append-only chat template. Use write='leave'."
+            )
+        for i in positions[-len(tokens) :]:
+            mask[i] = True
+    return ids, mask
+
+
 __all__ = [
     "ROLES",
     "RequestTooLarge",
+    "PromptWrite",
     "SessionPolicy",
     "TurnPlan",
     "check_new_messages",
     "follow",
     "plan_turn",
     "rollback_point",
+    "turn_ends",
     "written_until",
 ]

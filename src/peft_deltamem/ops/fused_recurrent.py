@@ -51,12 +51,28 @@ def fused_recurrent_delta_rule(
         return _step(state, q, k, v, beta)
     if steps == 0:
         return q.new_zeros(q.shape), state
+    # Per step: one GEMM gives S q and S k (as rows: [q; k] S^T, contiguous operands), then the update as
+    # (1 - beta) S - (beta (S k - v)) k^T: two passes over the state. The per-step operands are sliced once.
+    # Without autograd the state is updated in place (the same ops, the same numbers): a fresh state tensor per
+    # step costs as much as the arithmetic at r = 64 (a new allocation of B·H·r² floats).
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta, state)))
+    if in_place:
+        state = state.clone()
+    queries_keys = torch.stack((q, k), dim=3).unbind(2)  # T × (B, H, 2, r)
+    key_rows = k.unsqueeze(-2).unbind(2)  # T × (B, H, 1, r)
+    values = v.unbind(2)  # T × (B, H, r)
+    gates = beta.unsqueeze(-1)  # (B, H, T, r, 1): one gate per state row
+    decays, gates = (1.0 - gates).unbind(2), gates.unbind(2)
     reads = []
     for t in range(steps):
-        step = slice(t, t + 1)
-        read, state = _step(state, q[:, :, step], k[:, :, step], v[:, :, step], beta[:, :, step])
-        reads.append(read)
-    return torch.cat(reads, 2), state
+        both = torch.matmul(queries_keys[t], state.transpose(-1, -2))  # (B, H, 2, r): (S q)^T and (S k)^T
+        reads.append(both[:, :, 0])
+        residual = (both[:, :, 1] - values[t]).unsqueeze(-1)  # S k - v, (B, H, r, 1)
+        if in_place:
+            state.mul_(decays[t]).addcmul_(gates[t] * residual, key_rows[t], value=-1.0)
+        else:
+            state = torch.addcmul(state * decays[t], gates[t] * residual, key_rows[t], value=-1.0)
+    return torch.stack(reads, 2), state
 
 
 def fused_token_step(
