@@ -267,7 +267,9 @@ def _prompt_with_mask(pinned, conversation, lo, e, write, own, tokenizer) -> tup
     offset = len(pinned) - lo
     for k in write:
         positions = [i for i, s in enumerate(segments) if s == k + offset]
-        tokens = own[k]
+        tokens = own.get(k, [])
+        if not tokens:  # a message the template renders as nothing writes nothing
+            continue
         if len(positions) < len(tokens) or [body[i] for i in positions[-len(tokens) :]] != tokens:
             raise ValueError(
                 f"message {k} renders differently in the prompt than in the whole conversation; write='prompt' needs "
