@@ -197,6 +197,13 @@ def test_prompt_writes_without_a_read_give_the_frozen_reply_and_still_write(mode
     declining.close(), baseline.close(), reading.close()
 
 
+def test_the_cli_offers_every_write_policy():
+    from peft_deltamem.agents.session import WRITE_WHEN
+    from peft_deltamem.cli import WRITTEN
+
+    assert tuple(WRITTEN) == WRITE_WHEN
+
+
 def test_prompt_writes_need_a_token_write_adapter(tokenizer, tmp_path):
     torch.manual_seed(0)
     base = tiny_model("llama", vocab_size=len(tokenizer))

@@ -70,6 +70,17 @@ def _query_rows(module: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     return module(x)[..., :rows]
 
 
+def _read_rows(rows: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """The (batch,) float mask of rows that read the memory (``memory_reads``; empty: no row reads)."""
+    if rows.numel() == 0:
+        return torch.zeros(batch, device=device)
+    if rows.shape[0] != batch:
+        raise ValueError(
+            f"memory_reads has {rows.shape[0]} entries but the call has {batch} batch rows; pass one bool per row."
+        )
+    return rows.to(device=device, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class AdapterSettings:
     """The per-adapter numbers a layer needs at run time (derived from the config)."""
@@ -525,14 +536,3 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 from . import _register_if_ready  # noqa: E402
 
 _register_if_ready()
-
-
-def _read_rows(rows: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """The (batch,) float mask of rows that read the memory (``memory_reads``; empty: no row reads)."""
-    if rows.numel() == 0:
-        return torch.zeros(batch, device=device)
-    if rows.shape[0] != batch:
-        raise ValueError(
-            f"memory_reads has {rows.shape[0]} entries but the call has {batch} batch rows; pass one bool per row."
-        )
-    return rows.to(device=device, dtype=torch.float32)

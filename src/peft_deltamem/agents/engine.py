@@ -361,23 +361,20 @@ class ChatEngine:
                 return
             started = time.perf_counter()
             plans = [plan for _, _, plan, _ in ready]
-            if self.policy.write == "prompt" and self.memory:
+            if self.policy.write == "prompt" and self.memory:  # the reply prompt writes too: its memory comes back
                 memories, reads = self._prompt_writes(plans, [m for *_, m in ready])
-                clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
-                replies, memories = self._generate(
-                    [r for r, *_ in ready], [p.prompt for p in plans], memories, clock,
-                    write_masks=[p.prompt_mask for p in plans], reads=reads,
-                )  # fmt: skip
+                read_from, writing = memories, {"write_masks": [p.prompt_mask for p in plans], "reads": reads}
             else:
                 memories = self._write([plan.writes for plan in plans], [m for *_, m in ready])
                 reads = self._reads([plan.messages[-1]["content"] for plan in plans])
-                clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
-                replies, _ = self._generate(
-                    [r for r, *_ in ready],
-                    [plan.prompt for plan in plans],
-                    [m if read else self.model.new_memory(batch_size=1) for m, read in zip(memories, reads)],
-                    clock,
-                )
+                read_from = [m if read else self.model.new_memory(batch_size=1) for m, read in zip(memories, reads)]
+                writing = {}
+            clock = _FirstToken() if self.on_batch is not None else None  # no streamer when nobody listens
+            replies, written = self._generate(
+                [r for r, *_ in ready], [plan.prompt for plan in plans], read_from, clock, **writing
+            )
+            if written is not None:
+                memories = written
             if clock is not None:
                 end = time.perf_counter()
                 first = clock.first if clock.first is not None else end
