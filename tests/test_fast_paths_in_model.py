@@ -138,3 +138,59 @@ def test_compiled_generate_equals_eager():
         torch.testing.assert_close(state, expected_states[name], atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # something was compiled
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+@pytest.mark.parametrize("projection", ["plain", "hooked"])
+@pytest.mark.parametrize("impl", ["naive", *FAST])
+def test_a_call_scans_only_the_span_where_some_row_writes(impl, projection):
+    """Positions before the first and after the last written one (in any row) read the state before / after the
+    span and project no keys, values or gates: the reads and final states are method.md's, token by token."""
+    from method_reference import memory_read, memory_write
+    from peft_deltamem.layer import DeltaMemLayer
+    from peft_deltamem.runtime import CallRecord
+
+    model = make_peft(num_state_heads=2, r=4)
+    layer = next(m for m in model.modules() if isinstance(m, DeltaMemLayer))
+    write = layer.delta_mem_write["default"]
+    if projection == "hooked":  # a module the layer must call whole (quantized, sharded, observed)
+        write.register_forward_hook(lambda module, args, output: None)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, layer.layout.hidden_size, generator=generator)
+    state = torch.randn(2, 2, 4, 4, generator=generator) * 0.3
+    write_mask = torch.zeros(2, 12, dtype=torch.bool)
+    write_mask[0, 3:6] = True
+    write_mask[0, 7] = True  # a gap inside the span: that token reads and does not write
+    write_mask[1, 5:10] = True
+    record = CallRecord(attention_mask=None, segment_ids=None, write_mask=write_mask, writes=True)
+    with torch.no_grad(), use_impl(impl):
+        reads, final = layer._token_scan("default", write, x, state, None, record)
+    assert record.spans == {(2, 12, write_mask.device): (3, 10)}
+
+    weight = write.weight.double()
+    bias = layer.delta_mem_beta_bias["default"].double()
+    w_q, w_k, w_v, w_b = weight.split(8)
+    for row in range(2):
+        for head in range(2):
+            rows = slice(4 * head, 4 * head + 4)
+            s = state[row, head].double()
+            for t in range(12):
+                expected = memory_read(s, w_q[rows], x[row, t].double())
+                torch.testing.assert_close(reads[row, head, t].double(), expected, atol=1e-5, rtol=1e-5)
+                if write_mask[row, t]:
+                    s = memory_write(s, w_k[rows], w_v[rows], w_b[rows], bias[rows], x[row, t].double())
+            torch.testing.assert_close(final[row, head].double(), s, atol=1e-5, rtol=1e-5)
+
+
+def test_a_call_in_which_no_row_writes_leaves_the_state_as_it_is():
+    from peft_deltamem.layer import DeltaMemLayer
+    from peft_deltamem.runtime import CallRecord
+
+    model = make_peft()
+    layer = next(m for m in model.modules() if isinstance(m, DeltaMemLayer))
+    x = torch.randn(2, 6, layer.layout.hidden_size)
+    state = torch.randn(2, 1, 8, 8)
+    record = CallRecord(None, None, torch.zeros(2, 6, dtype=torch.bool), writes=True, write_gate_stats=[])
+    with torch.no_grad():
+        reads, final = layer._token_scan("default", layer.delta_mem_write["default"], x, state, None, record)
+    assert final is state and reads.shape == (2, 1, 6, 8)
+    assert record.write_gate_stats == [0.0]  # the mean gate of no written token, as before

@@ -211,6 +211,20 @@ def test_nan_input_gives_a_clear_error_and_an_unchanged_memory():
     assert states_equal(memory.states, before)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8), (8, 3, 64, 64)])  # one cat / one by one (megabytes)
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_finiteness_check_finds_every_bad_value_and_nothing_else(shape, bad):
+    from peft_deltamem.state import all_finite
+
+    tensors = [torch.randn(*shape) for _ in range(12)]
+    tensors[4].view(-1)[7] = 3e38  # finite values whose sum overflows are still finite
+    tensors[5].view(-1)[:2] = 3e38
+    if bad is not None:
+        tensors[9].view(-1)[-1] = bad
+    assert all_finite(tensors) is (bad is None)
+    assert all_finite([]) is True
+
+
 def test_inference_mode_then_a_normal_call_works():
     """Old: a memory written under inference_mode made the next normal forward fail."""
     model = make_peft()

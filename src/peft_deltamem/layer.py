@@ -70,6 +70,18 @@ def _query_rows(module: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     return module(x)[..., :rows]
 
 
+def _span_projection(module: nn.Module, x: torch.Tensor, rows: int, start: int, end: int):
+    """The memory projection of a call that writes only at positions ``start:end``: the query block (the first
+    ``rows`` outputs) at every position and the key, value and gate blocks inside the span, computed alone for a plain
+    Linear; other modules (quantized, sharded, hooked) run whole, then sliced."""
+    if _direct(module):
+        weight, bias = module.weight, module.bias
+        query = F.linear(x, weight[:rows], bias[:rows] if bias is not None else None)
+        return query, F.linear(x[:, start:end], weight[rows:], bias[rows:] if bias is not None else None)
+    projected = module(x)
+    return projected[..., :rows], projected[:, start:end, rows:]
+
+
 def _read_rows(rows: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """The (batch,) float mask of rows that read the memory (``memory_reads``; empty: no row reads)."""
     if rows.numel() == 0:
@@ -362,12 +374,11 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         batch, length, _ = x.shape
         valid = record.token_mask(batch, length, x.device)
         state = self._input_state(adapter, record, batch, x.device)
-        projected = _linear(write, x) if record.writes else _query_rows(write, x, settings.width)
         key = (self.layer_name, adapter)
         if length == 1 and self._takes_token_step(settings, record):
             write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
             beta_bias = self._modules["delta_mem_beta_bias"]._parameters[adapter]
-            read, final = ops.fused_token_step(projected, beta_bias, state, write_mask)
+            read, final = ops.fused_token_step(_linear(write, x), beta_bias, state, write_mask)
             record.final_states[key] = final if record.keep_graph else final.detach()
             if valid is not None:
                 read = read * valid.view(batch, 1, 1)
@@ -377,10 +388,10 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 read = self._gate(adapter, x, read, settings)
             out = _linear(out_proj, read if read.dtype == dtype else read.to(dtype))
             return self._split_heads(out, settings)
-        if settings.write_granularity == "segment":
-            reads, final = self._segment_scan(adapter, x, projected, state, valid, record)
+        if settings.write_granularity == "segment":  # the tokens only read: the query block is all they need
+            reads, final = self._segment_scan(adapter, x, _query_rows(write, x, settings.width), state, valid, record)
         else:
-            reads, final = self._token_scan(adapter, projected, state, valid, record)
+            reads, final = self._token_scan(adapter, write, x, state, valid, record)
         record.final_states[key] = final if record.keep_graph else final.detach()
         if valid is not None:
             reads = reads * valid[:, None, :, None]
@@ -435,21 +446,40 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         user = user.to(device=valid.device if valid is not None else user.device, dtype=torch.bool)
         return user if valid is None else valid & user
 
-    def _token_scan(self, adapter, projected, state, valid, record):
+    def _token_scan(self, adapter, write, x, state, valid, record):
+        """Reads and final state of a token-write call: the scan runs over the span of positions at which some row
+        writes (:meth:`CallRecord.write_span`); the positions before it read the input state, those after it the
+        final one, and only their query block is projected."""
         settings = self.settings[adapter]
-        q = F.normalize(torch.tanh(self._heads(projected[..., : settings.width], settings)), dim=-1)
-        if not record.writes:  # the projection holds the query block only
+        width, length = settings.width, x.shape[1]
+        if not record.writes:
+            q = F.normalize(torch.tanh(self._heads(_query_rows(write, x, width), settings)), dim=-1)
             return ops.read_only(q, state), state
-        k, v, gate = (self._heads(p, settings) for p in projected[..., settings.width :].split(settings.width, dim=-1))
+        write_mask = self._write_mask(valid, record, x.shape[0], length)
+        start, end = (0, length) if record.track_steps else record.write_span(write_mask, length)
+        if (start, end) == (0, length):
+            projected = _linear(write, x)
+            query, rest = projected[..., :width], projected[..., width:]
+        else:
+            query, rest = _span_projection(write, x, width, start, end)
+            write_mask = write_mask[:, start:end]
+        q = F.normalize(torch.tanh(self._heads(query, settings)), dim=-1)
+        k, v, gate = (self._heads(p, settings) for p in rest.split(width, dim=-1))
         k = F.normalize(torch.tanh(k), dim=-1)
         beta = torch.sigmoid(gate + self.delta_mem_beta_bias[adapter].view(settings.num_state_heads, 1, settings.r))
-        write_mask = self._write_mask(valid, record, projected.shape[0], projected.shape[1])
         self._report_write_gate(record, beta, write_mask)
-        if record.track_steps and q.shape[2] > 1:  # assisted decoding may roll back some of these tokens
+        if record.track_steps and length > 1:  # assisted decoding may roll back some of these tokens
             states, final = ops.delta_rule_states(k, v, beta, state, write_mask)
             record.step_states[(self.layer_name, adapter)] = states.detach()
             return torch.einsum("bhtij,bhtj->bhti", states, q.float()), final
-        return ops.delta_rule(q, k, v, beta, state, write_mask)
+        if (start, end) == (0, length):
+            return ops.delta_rule(q, k, v, beta, state, write_mask)
+        if start == end:  # no row writes: the state stays as it is
+            return ops.read_only(q, state), state
+        reads, final = ops.delta_rule(q[:, :, start:end], k, v, beta, state, write_mask)
+        before = [ops.read_only(q[:, :, :start], state)] if start > 0 else []
+        after = [ops.read_only(q[:, :, end:], final)] if end < length else []
+        return torch.cat([*before, reads, *after], dim=2), final
 
     @staticmethod
     def _report_write_gate(record: CallRecord, beta: torch.Tensor, write_mask: torch.Tensor | None) -> None:

@@ -43,7 +43,7 @@ class CallRecord:
     __slots__ = (
         "attention_mask", "segment_ids", "write_mask", "writes", "initial", "keep_graph", "track_steps",
         "write_gate_stats", "memory", "memory_version", "generation", "past_length", "loss_terms", "input_states",
-        "final_states", "step_states", "previous", "weights_hash", "masks", "_token_step", "read_rows",
+        "final_states", "step_states", "previous", "weights_hash", "masks", "_token_step", "read_rows", "spans",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +77,7 @@ class CallRecord:
         self.previous: CallRecord | None = None  # the thread's record before this call (nested calls)
         self.weights_hash: str | None = None  # fingerprint of the adapter weights, taken once by the memory check
         self.masks: dict = {}  # (batch, length, device) -> token_mask, computed once per call
+        self.spans: dict = {}  # (batch, length, device) -> write_span, computed once per call
         self._token_step: bool | None = None
         # None: every row reads the memory; a (batch,) bool tensor: which rows read (memory_reads=)
         self.read_rows: torch.Tensor | None = None
@@ -112,6 +113,21 @@ class CallRecord:
             valid = None
         self.masks[key] = valid
         return valid
+
+    def write_span(self, write_mask: torch.Tensor | None, length: int) -> tuple[int, int]:
+        """``(start, end)``: the positions from the first to the last at which some row writes (``write_mask`` is
+        the layer's combined (batch, length) mask of written tokens; None: all write; ``(length, length)``: none).
+
+        Outside it no row writes, so the layers project keys, values and gates and run the scan only inside it (the
+        reads outside it are of the state before or after it). Computed once per call (every layer passes the same
+        mask); on an accelerator it waits for the device once per call. Under torch.compile: the whole call."""
+        if write_mask is None or torch.compiler.is_compiling():
+            return 0, length
+        key = (write_mask.shape[0], length, write_mask.device)
+        if key not in self.spans:
+            written = write_mask.any(0).nonzero().flatten().tolist()
+            self.spans[key] = (written[0], written[-1] + 1) if written else (length, length)
+        return self.spans[key]
 
     def tail(self, tensor: torch.Tensor | None, batch: int, length: int, name: str) -> torch.Tensor | None:
         if tensor is None:

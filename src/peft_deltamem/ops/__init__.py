@@ -122,5 +122,7 @@ def delta_rule_states(
 
 
 def read_only(q: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """Reads of a call that does not write: every step reads the same state. Returns float32 (B, H, T, r)."""
-    return torch.einsum("bhij,bhtj->bhti", state.float(), q.float())
+    """Reads of a call that does not write: every step reads the same state. Returns (B, H, T, r) in float32 math,
+    as the scans (float64 inputs stay float64)."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, state.dtype), torch.float32)
+    return torch.einsum("bhij,bhtj->bhti", state.to(dtype), q.to(dtype))
