@@ -75,9 +75,8 @@ def _span_projection(module: nn.Module, x: torch.Tensor, rows: int, start: int, 
     ``rows`` outputs) at every position and the key, value and gate blocks inside the span, computed alone for a plain
     Linear; other modules (quantized, sharded, hooked) run whole, then sliced."""
     if _direct(module):
-        weight, bias = module.weight, module.bias
-        query = F.linear(x, weight[:rows], bias[:rows] if bias is not None else None)
-        return query, F.linear(x[:, start:end], weight[rows:], bias[rows:] if bias is not None else None)
+        rest = F.linear(x[:, start:end], module.weight[rows:], module.bias[rows:] if module.bias is not None else None)
+        return _query_rows(module, x, rows), rest
     projected = module(x)
     return projected[..., :rows], projected[:, start:end, rows:]
 
