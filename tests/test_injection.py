@@ -78,6 +78,18 @@ def num_layers(family: str, config) -> int:
     return cfg["n_layer"] if family == "gpt2" else cfg["num_hidden_layers"]
 
 
+def corrects(projection: nn.Module, layer: DeltaMemLayer | None = None) -> bool:
+    """Whether ``projection`` has the forward that adds a δ-mem layer's correction (``layer``'s, when given)."""
+    from peft_deltamem.layer import _corrected_forward
+
+    forward = projection.__dict__.get("forward")
+    return (
+        isinstance(forward, functools.partial)
+        and forward.func is _corrected_forward
+        and (layer is None or forward.args[0] is layer)
+    )
+
+
 def hook_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {
         name: (len(m._forward_hooks), len(m._forward_pre_hooks) + len(m._forward_pre_hooks_with_kwargs))
@@ -281,7 +293,8 @@ def test_layers_to_transform_adapts_only_that_layer(family, pattern):
     layers = decoder_layers(model)
     assert not isinstance(attention_of(layers[0]), DeltaMemLayer)
     assert isinstance(attention_of(layers[1]), DeltaMemLayer)
-    assert all(not m._forward_hooks for m in attention_of(layers[0]).modules())
+    assert all(not m._forward_hooks and not corrects(m) for m in attention_of(layers[0]).modules())
+    assert any(corrects(m) for m in attention_of(layers[1]).modules())
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected_trainable(family, base.config, 8, ("q", "o"), 1, blocks=1)
 
@@ -507,6 +520,7 @@ def test_unload_restores_the_original_model(family):
     assert {name: type(m) for name, m in unloaded.named_modules()} == classes
     assert not any(isinstance(m, DeltaMemLayer) for m in unloaded.modules())
     assert hook_counts(unloaded) == hooks_before
+    assert not any("forward" in m.__dict__ for m in unloaded.modules())  # the projections' own forward again
     assert list(unloaded.get_submodule(q_name)._forward_hooks.values()) == [user_hook]
     user_calls.clear()
     assert torch.equal(logits(unloaded, ids), reference)
@@ -545,27 +559,28 @@ def test_delete_adapter_with_two_adapters():
         assert isinstance(attention, DeltaMemLayer)
         assert set(attention.settings) == {"other"} and set(attention.runtime.configs) == {"other"}
         assert set(attention.delta_mem_write) == {"other"}
-        # one correction hook per projection, not one per adapter ever added
+        # one correcting forward per projection, not one per adapter ever added
         projections = [getattr(attention.base_layer, n) for n in attention.layout.projections.values()]
-        assert all(len(p._forward_hooks) == 1 for p in projections)
+        assert all(corrects(p, attention) and p.forward.args[3] is None for p in projections)
+        assert all(not p._forward_hooks for p in projections)
     assert not any(".default" in n for n, _ in model.named_parameters())
     assert torch.equal(logits(model, ids), other_out)
     with model.disable_adapter():
         assert torch.equal(logits(model, ids), reference)
 
 
-def test_only_corrected_projections_carry_a_hook_and_memories_follow_adapter_changes():
-    """A projection no Δ head corrects runs without a hook (no cost); adding, deleting and unloading adapters is seen
+def test_only_corrected_projections_carry_a_correction_and_memories_follow_adapter_changes():
+    """A projection no Δ head corrects keeps its own forward (no cost); adding, deleting and unloading adapters is seen
     by what the model derives from its layers once (descriptions of new memories, the memory check)."""
     model = make_peft(tiny_model("llama"), delta_heads=("o",))
     attention = decoder_layers(model)[0].self_attn
     hooked = {slot for slot, name in attention.layout.projections.items()
-              if getattr(attention.base_layer, name)._forward_hooks}  # fmt: skip
+              if corrects(getattr(attention.base_layer, name), attention)}  # fmt: skip
     assert hooked == {"o"}
     assert model.new_memory(1).r == 8
     model.add_adapter("other", DeltaMemConfig(r=4, init_weights=False, delta_heads=("q", "v")))
     hooked = {slot for slot, name in attention.layout.projections.items()
-              if getattr(attention.base_layer, name)._forward_hooks}  # fmt: skip
+              if corrects(getattr(attention.base_layer, name), attention)}  # fmt: skip
     assert hooked == {"q", "v", "o"}
     default_memory = model.new_memory(1)
     model.set_adapter("other")
@@ -580,7 +595,7 @@ def test_only_corrected_projections_carry_a_hook_and_memories_follow_adapter_cha
         model.new_memory(1, adapter_name="default")
 
 
-def test_deepcopy_hooks_act_on_the_copy():
+def test_deepcopy_corrections_act_on_the_copy():
     model = make_peft()
     ids = random_ids(2, 8)
     original = logits(model, ids)
@@ -588,8 +603,8 @@ def test_deepcopy_hooks_act_on_the_copy():
 
     clone_attention = decoder_layers(clone)[0].self_attn
     assert clone_attention is not decoder_layers(model)[0].self_attn
-    hook = next(iter(clone_attention.base_layer.q_proj._forward_hooks.values()))
-    assert isinstance(hook, functools.partial) and hook.func.__self__ is clone_attention
+    q_proj = clone_attention.base_layer.q_proj
+    assert corrects(q_proj, clone_attention) and q_proj.forward.args[2] is q_proj
     assert clone_attention.runtime is clone.base_model.memory_runtime
     assert clone.base_model.memory_runtime is not model.base_model.memory_runtime
 

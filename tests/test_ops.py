@@ -284,12 +284,21 @@ def feature_maps_then_scan(projected, bias, state, write_mask, impl="naive"):
     return reads.transpose(1, 2).reshape(b, 1, h * r), final
 
 
+def token_step(projected, bias, state, write_mask=None):
+    """The decoding step of one layer: its read, then its write as one layer of the stacked write."""
+    from peft_deltamem.ops.fused_recurrent import token_read, token_write
+
+    read = token_read(projected, state)
+    mask = None if write_mask is None else write_mask.view(1, -1)
+    final = token_write(projected.view(1, projected.shape[0], -1), bias.view(1, 1, -1), state.unsqueeze(0), mask)
+    return read, final[0]
+
+
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("mask", [None, "mixed", "off"])
-def test_fused_token_step_matches_naive(heads: int, mask: str | None) -> None:
-    """The decoding step the layers take for single tokens: reads, state and gradients equal the naive scan's."""
-    from peft_deltamem.ops.fused_recurrent import fused_token_step
-
+def test_the_decoding_step_matches_naive(heads: int, mask: str | None) -> None:
+    """The decoding step the layers take for single tokens (read in the layer, write at the end of the call): reads,
+    state and gradients equal the naive scan's."""
     gen = torch.Generator().manual_seed(21)
     b, r = 2, 8
     masks = {None: None, "mixed": torch.tensor([[True], [False]]), "off": torch.zeros(b, 1, dtype=torch.bool)}
@@ -303,7 +312,7 @@ def test_fused_token_step_matches_naive(heads: int, mask: str | None) -> None:
 
     weights = torch.randn(b, 1, heads * r, generator=gen), torch.randn(b, heads, r, r, generator=gen)
     results = []
-    for fn in (fused_token_step, feature_maps_then_scan):
+    for fn in (token_step, feature_maps_then_scan):
         projected, bias, state = inputs()
         read, final = fn(projected, bias, state, write_mask)
         ((read * weights[0]).sum() + (final * weights[1]).sum()).backward()
@@ -318,15 +327,32 @@ def test_fused_token_step_matches_naive(heads: int, mask: str | None) -> None:
         assert_close(grad, grad_ref, 1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_token_step_low_precision(dtype: torch.dtype) -> None:
-    """Low-precision projections: feature maps in their dtype (as the general path), the step in float32."""
-    from peft_deltamem.ops.fused_recurrent import fused_token_step
+def test_the_stacked_write_equals_each_layer_written_alone() -> None:
+    """The end of a decoding call writes every layer at once: stacked, each layer's new state is its own write's
+    (different projections, biases, states and masks per layer)."""
+    from peft_deltamem.ops.fused_recurrent import token_write
 
+    gen = torch.Generator().manual_seed(26)
+    n, b, h, r = 5, 3, 2, 8
+    projected = torch.randn(n, b, 4 * h * r, generator=gen)
+    bias = torch.randn(n, 1, h * r, generator=gen)
+    state = torch.randn(n, b, h, r, r, generator=gen)
+    mask = torch.rand(n, b, generator=gen) > 0.3
+    stacked = token_write(projected, bias, state, mask)
+    for i in range(n):
+        alone = token_write(projected[i : i + 1], bias[i : i + 1], state[i : i + 1], mask[i : i + 1])
+        assert_close(stacked[i], alone[0], 1e-6)
+        _, reference = feature_maps_then_scan(projected[i].unsqueeze(1), bias[i, 0], state[i], mask[i].view(b, 1))
+        assert_close(stacked[i], reference, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_decoding_step_in_low_precision(dtype: torch.dtype) -> None:
+    """Low-precision projections: feature maps in their dtype (as the general path), the step in float32."""
     projected = torch.randn(2, 1, 4 * 2 * 8, generator=torch.Generator().manual_seed(24)).to(dtype)
     bias = torch.full((16,), -1.0, dtype=dtype)
     state = 0.5 * torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(25))
-    read, final = fused_token_step(projected, bias, state)
+    read, final = token_step(projected, bias, state)
     read_ref, final_ref = feature_maps_then_scan(projected, bias, state, None, impl="fused_recurrent")
     assert read.dtype == final.dtype == torch.float32
     assert_close(read, read_ref, 1e-5)

@@ -27,7 +27,7 @@ MERGE_ERROR = (
 
 
 def _thread_key() -> int:
-    """Which thread's corrections a projection hook adds. Under torch.compile the corrections flow through the
+    """Which thread's corrections a projection adds. Under torch.compile the corrections flow through the
     traced graph (the dict is only the tracing device), so one constant key serves every thread."""
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
 
@@ -48,6 +48,7 @@ def _direct(module: nn.Module) -> bool:
     return (
         _DIRECT_LINEAR
         and type(module) is nn.Linear
+        and "forward" not in module.__dict__  # a forward set on the module (accelerate's hooks)
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not (module._backward_hooks or module._backward_pre_hooks)
         and not any(_GLOBAL_HOOKS)
@@ -60,6 +61,20 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if _direct(module):
         return F.linear(x, module.weight, module.bias)
     return module(x)
+
+
+def _call(module: nn.Module, args: tuple, kwargs: dict):
+    """``module(*args, **kwargs)``; a module without hooks (the wrapped attention block, as a rule) gets its forward
+    called directly, as ``nn.Module.__call__`` does then, without its dispatch (a few µs per layer and token)."""
+    if (
+        _DIRECT_LINEAR
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not any(_GLOBAL_HOOKS)
+        and not torch._C._get_tracing_state()
+    ):
+        return module.forward(*args, **kwargs)
+    return module(*args, **kwargs)
 
 
 def _query_rows(module: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -145,7 +160,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self._corrections: dict[int, dict[str, tuple[torch.Tensor, float]]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self._hooked: set[str] = set()  # projection slots with a correction hook (those some adapter corrects)
+        self._corrected: set[str] = set()  # projection slots whose forward adds a correction (some adapter corrects)
         runtime.register_layer(name, self)
 
     def __getattr__(self, name: str):
@@ -199,7 +214,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         self.settings[adapter_name] = settings
         self.runtime.configs[adapter_name] = config
         self.runtime.changed()
-        self._hook_projections(settings)
+        self._correct_projections(settings)
         self.reset_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -289,23 +304,29 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         # Nothing can be merged (merge() refuses), so there is never anything to unmerge; warn as LoRA does.
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
-    def _hook_projections(self, settings: AdapterSettings) -> None:
-        """A forward hook on each projection that one of the adapter's Δ heads corrects (no hook, no cost, on the
-        others); the hook adds the running call's correction for its slot."""
+    def _correct_projections(self, settings: AdapterSettings) -> None:
+        """Each projection that one of the adapter's Δ heads corrects gets a forward that adds the running call's
+        correction for its slot to its output (the others keep theirs: no cost). The forward is set on the
+        projection module itself, as accelerate's hooks do, so the model's modules and state dict stay as they are;
+        the module's own hooks run around it and see the corrected output."""
         fused = "qkv" in self.layout.projections
         slots = {"qkv" if fused and head in "qkv" else head for head in settings.delta_heads}
-        for slot in sorted(slots - self._hooked):
+        for slot in sorted(slots - self._corrected):
             child = getattr(self.base_layer, self.layout.projections[slot])
-            child.register_forward_hook(functools.partial(self._add_correction, slot))
-            self._hooked.add(slot)
+            child.forward = functools.partial(_corrected_forward, self, slot, child, child.__dict__.get("forward"))
+            self._corrected.add(slot)
 
-    def remove_projection_hooks(self) -> None:
+    def restore_projections(self) -> None:
+        """Give the projections their own forward back."""
         for child_name in self.layout.projections.values():
-            hooks = getattr(self.base_layer, child_name)._forward_hooks
-            for key, hook in list(hooks.items()):
-                if isinstance(hook, functools.partial) and getattr(hook.func, "__self__", None) is self:
-                    del hooks[key]
-        self._hooked.clear()
+            child = getattr(self.base_layer, child_name)
+            forward = child.__dict__.get("forward")
+            if isinstance(forward, functools.partial) and forward.func is _corrected_forward and forward.args[0] is self:
+                if forward.args[3] is None:
+                    del child.forward
+                else:
+                    child.forward = forward.args[3]
+        self._corrected.clear()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -333,38 +354,41 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 "(or the model returned by get_peft_model / load_adapter) rather than an inner submodule."
             )
         hidden = args[0] if args else kwargs["hidden_states"]
-        corrections: dict[str, tuple[torch.Tensor, float]] = {}
-        for adapter in adapters:
-            for slot, (value, scale) in self._corrections_for(adapter, hidden, record).items():
-                if slot in corrections:  # several active adapters: their scaled corrections add up
-                    total, total_scale = corrections[slot]
-                    corrections[slot] = (total * total_scale + value * scale, 1.0)
-                else:
-                    corrections[slot] = (value, scale)
+        if len(adapters) == 1:
+            corrections = self._corrections_for(adapters[0], hidden, record)
+        else:
+            corrections: dict[str, tuple[torch.Tensor, float]] = {}
+            for adapter in adapters:
+                for slot, (value, scale) in self._corrections_for(adapter, hidden, record).items():
+                    if slot in corrections:  # several active adapters: their scaled corrections add up
+                        total, total_scale = corrections[slot]
+                        corrections[slot] = (total * total_scale + value * scale, 1.0)
+                    else:
+                        corrections[slot] = (value, scale)
         thread = _thread_key()
         outer = self._corrections.get(thread)
         self._corrections[thread] = corrections
         try:
-            return base_layer(*args, **kwargs)
+            return _call(base_layer, args, kwargs)
         finally:
             if outer is None:
                 self._corrections.pop(thread, None)
             else:
                 self._corrections[thread] = outer
 
-    def _add_correction(self, slot: str, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    def running_correction(self, slot: str) -> torch.Tensor | None:
+        """What the call running in this thread adds to projection ``slot``'s output (scaled, in the output's dtype
+        as the projection adds it), or None outside a call (diagnostics: training.callbacks)."""
         corrections = self._corrections.get(_thread_key())
         if corrections is None or slot not in corrections:
-            return output
+            return None
         value, scale = corrections[slot]
-        if value.dtype != output.dtype:
-            value = value.to(output.dtype)
-        return output.add(value, alpha=scale)
+        return value * scale
 
     def _corrections_for(
         self, adapter: str, hidden: torch.Tensor, record: CallRecord
     ) -> dict[str, tuple[torch.Tensor, float]]:
-        """Each corrected slot's unscaled correction and its scale (the hook adds ``scale * correction``)."""
+        """Each corrected slot's unscaled correction and its scale (the projection adds ``scale * correction``)."""
         settings = self.settings[adapter]
         write = self._modules["delta_mem_write"]._modules[adapter]
         out_proj = self._modules["delta_mem_out"]._modules[adapter]
@@ -376,9 +400,11 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         key = (self.layer_name, adapter)
         if length == 1 and self._takes_token_step(settings, record):
             write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
+            projected = _linear(write, x)
+            read = ops.token_read(projected, state)
+            # the write waits for the end of the call, where every layer's runs at once (ops.token_write)
             beta_bias = self._modules["delta_mem_beta_bias"]._parameters[adapter]
-            read, final = ops.fused_token_step(_linear(write, x), beta_bias, state, write_mask)
-            record.final_states[key] = final if record.keep_graph else final.detach()
+            record.pending_writes[key] = (projected, beta_bias, state, write_mask)
             if valid is not None:
                 read = read * valid.view(batch, 1, 1)
             if record.read_rows is not None:
@@ -410,7 +436,7 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def _takes_token_step(settings: AdapterSettings, record: CallRecord) -> bool:
-        """A decoding step that the fused per-token function computes exactly (see ops.fused_token_step)."""
+        """A decoding step that the per-token functions compute exactly (see ops.token_read, ops.token_write)."""
         return settings.write_granularity == "token" and record.takes_token_step()
 
     def _input_state(self, adapter: str, record: CallRecord, batch: int, device: torch.device) -> torch.Tensor:
@@ -559,6 +585,25 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             ]
             corrections["qkv"] = (torch.cat(parts, dim=-1), scale)
         return corrections
+
+
+def _corrected_forward(layer: DeltaMemLayer, slot: str, module: nn.Module, own_forward, *args, **kwargs):
+    """The forward of a projection one of ``layer``'s Δ heads corrects: the projection's own output (its class's
+    forward, or the forward it had before, e.g. accelerate's) plus the correction the running call of ``layer``
+    holds for ``slot`` (none outside a call: the projection's own output)."""
+    if own_forward is not None:
+        output = own_forward(*args, **kwargs)
+    elif type(module) is nn.Linear and not kwargs:
+        output = F.linear(args[0], module._parameters["weight"], module._parameters["bias"])
+    else:
+        output = type(module).forward(module, *args, **kwargs)
+    corrections = layer._corrections.get(_thread_key())
+    if corrections is None or slot not in corrections:
+        return output
+    value, scale = corrections[slot]
+    if value.dtype != output.dtype:
+        value = value.to(output.dtype)
+    return output.add(value, alpha=scale)
 
 
 # peft may first have been imported from inside this module: finish δ-mem's registration now

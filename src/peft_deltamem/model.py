@@ -210,7 +210,7 @@ class DeltaMemModel(BaseTuner):
         # The default assumes a Linear-like layer; an attention wrapper only needs swapping in or out.
         setattr(parent, child_name, new_module)
         if isinstance(child, DeltaMemLayer):  # unloading
-            child.remove_projection_hooks()
+            child.restore_projections()
             child.runtime.unregister_layer(child.layer_name)
 
     def _unload_and_optionally_merge(
@@ -344,7 +344,7 @@ def _strip_delta_mem(model: nn.Module) -> None:
         if isinstance(module, DeltaMemLayer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.base_layer)
-            module.remove_projection_hooks()
+            module.restore_projections()
     _remove_model_hooks(model)
     model.__dict__.pop("peft_config", None)
     if getattr(model, "_hf_peft_config_loaded", False):

@@ -43,7 +43,8 @@ class CallRecord:
     __slots__ = (
         "attention_mask", "segment_ids", "write_mask", "writes", "initial", "keep_graph", "track_steps",
         "write_gate_stats", "memory", "memory_version", "generation", "past_length", "loss_terms", "input_states",
-        "final_states", "step_states", "previous", "weights_hash", "masks", "_token_step", "read_rows", "spans",
+        "_final_states", "step_states", "previous", "weights_hash", "masks", "_token_step", "read_rows", "spans",
+        "pending_writes",
     )  # fmt: skip
 
     def __init__(
@@ -72,7 +73,10 @@ class CallRecord:
         self.past_length = 0  # tokens already in the KV cache when this call started (generation)
         self.loss_terms: list = []  # added to this call's loss (write-sparsity penalty)
         self.input_states: dict = {}  # (layer, adapter) -> state read by the call
-        self.final_states: dict = {}  # (layer, adapter) -> state after the call
+        self._final_states: dict = {}  # (layer, adapter) -> state after the call (see final_states)
+        # (layer, adapter) -> (projection, gate bias, input state, write mask) of a decoding token's write, left by
+        # the layer for the end of the call (ops.token_write, all layers at once)
+        self.pending_writes: dict = {}
         self.step_states: dict = {}  # (layer, adapter) -> states before each token (track_steps)
         self.previous: CallRecord | None = None  # the thread's record before this call (nested calls)
         self.weights_hash: str | None = None  # fingerprint of the adapter weights, taken once by the memory check
@@ -82,9 +86,37 @@ class CallRecord:
         # None: every row reads the memory; a (batch,) bool tensor: which rows read (memory_reads=)
         self.read_rows: torch.Tensor | None = None
 
+    @property
+    def final_states(self) -> dict:
+        """(layer, adapter) -> the state after the call. The decoding writes the layers left pending run first."""
+        if self.pending_writes:
+            self._run_pending_writes()
+        return self._final_states
+
+    def _run_pending_writes(self) -> None:
+        """The single-token writes of every layer, stacked into one :func:`ops.token_write` per kind of state
+        (device, dtypes and shape; one for a model on one device)."""
+        pending, self.pending_writes = self.pending_writes, {}
+        groups: dict = {}
+        for key, (projected, bias, state, mask) in pending.items():
+            kind = (projected.device, projected.dtype, bias.dtype, state.dtype, state.shape, mask is None)
+            groups.setdefault(kind, []).append((key, projected, bias, state, mask))
+        for entries in groups.values():
+            keys, projected, biases, states, masks = zip(*entries)
+            batch = states[0].shape[0]
+            finals = ops.token_write(
+                torch.stack(projected).view(len(keys), batch, -1),
+                torch.stack(biases),
+                torch.stack(states),
+                None if masks[0] is None else torch.stack(masks).view(len(keys), batch),
+            )
+            if not self.keep_graph:
+                finals = finals.detach()
+            self._final_states.update(zip(keys, finals.unbind(0)))
+
     def takes_token_step(self) -> bool:
-        """Whether this call's single-token steps can take the fused step (token-write layers; see
-        ops.fused_token_step): it writes, keeps no per-token states or gate statistics, and the default scan
+        """Whether this call's single-token steps can take the decoding step (token-write layers; see
+        ops.token_read): it writes, keeps no per-token states or gate statistics, and the default scan
         implementation allows it. Decided once per call."""
         if self._token_step is None:
             self._token_step = (

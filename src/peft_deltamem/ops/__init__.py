@@ -20,7 +20,8 @@ import torch
 
 from .chunk import chunk_delta_rule
 from .fused_recurrent import fused_recurrent_delta_rule
-from .fused_recurrent import fused_token_step as fused_token_step  # the layers' decoding step
+from .fused_recurrent import token_read as token_read  # the layers' decoding step: read now,
+from .fused_recurrent import token_write as token_write  # write at the end of the call, all layers at once
 from .naive import naive_delta_rule
 
 ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -74,7 +75,7 @@ def use_impl(name: str) -> Iterator[None]:
 
 
 def token_step_enabled() -> bool:
-    """Whether single-token decoding steps take :func:`fused_token_step` (the default implementation is
+    """Whether single-token decoding steps take :func:`token_read` and :func:`token_write` (the default implementation is
     ``"auto"`` or ``"fused_recurrent"``); under ``use_impl("naive")`` or ``"chunk"`` every step runs that scan."""
     return _default_impl in ("auto", "fused_recurrent")
 

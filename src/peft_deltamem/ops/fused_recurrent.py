@@ -7,9 +7,10 @@ T > 1 loops over the steps with one GEMM for ``S q`` and ``S k`` and the update 
 ``(1 - beta) S - (beta (S k - v)) k^T``, in place when autograd does not need the states. A step with
 ``write_mask`` False runs with ``beta = 0``, which leaves the state bit-for-bit unchanged without a ``where``.
 
-:func:`fused_token_step` is the whole per-token memory step of a decoding layer (feature maps of the
-projected token, gate, read and update) in about ten ops instead of the fifty of the general path; the
-layers take it for single-token calls with token writes.
+:func:`token_read` and :func:`token_write` are the per-token memory step of a decoding layer, split in two: the
+read (feature map of the query and ``S q``) runs in the layer, the write (feature maps of key and gate, the update)
+of every layer of a call at once, stacked, after the last layer (a layer's write depends only on its own input).
+About six ops per layer and a dozen per call, instead of the fifty per layer of the general path.
 """
 
 from __future__ import annotations
@@ -76,34 +77,48 @@ def fused_recurrent_delta_rule(
     return torch.stack(reads, 2), state
 
 
-def fused_token_step(
+def token_read(projected: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The read of one decoding token: ``S q`` with ``q = normalize(tanh(.))`` of the query block.
+
+    ``projected`` (B, 1, 4·H·r) is the token's memory projection (W_mq, W_mk, W_mv, W_β row blocks), ``state``
+    (B, H, r, r) the state before the token. The feature map runs in the projection's dtype (as the general path),
+    the product in float32. Returns (B, 1, H·r) float32. With :func:`token_write` the same numbers as the feature
+    maps followed by :func:`fused_recurrent_delta_rule` with T = 1 (read before write).
+    """
+    batch, heads, r = projected.shape[0], state.shape[1], state.shape[-1]
+    q = torch.tanh(projected.view(batch, 4, heads, r, 1)[:, 0])
+    q = q / torch.linalg.vector_norm(q, dim=-2, keepdim=True).clamp_min(1e-12)  # F.normalize
+    return torch.matmul(state.float(), q.float()).view(batch, 1, heads * r)
+
+
+def token_write(
     projected: torch.Tensor,
     beta_bias: torch.Tensor,
     state: torch.Tensor,
     write_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of a token-write layer, from the memory projection of the token to read and new state.
+) -> torch.Tensor:
+    """The write of one decoding token into the state, for any number of stacked layers at once.
 
-    ``projected`` (B, 1, 4·H·r) is the token's memory projection (W_mq, W_mk, W_mv, W_β row blocks),
-    ``beta_bias`` (H·r) the gate bias, ``state`` (B, H, r, r), ``write_mask`` (B, 1) or None. Computes
-    ``q, k = normalize(tanh(.))``, ``beta = sigmoid(. + b_β)`` in the projection's dtype (as the general path
-    does) and the read-before-write step in float32. Returns ``(read (B, 1, H·r) float32, new_state)``; the
-    same numbers as the feature maps followed by :func:`fused_recurrent_delta_rule` with T = 1.
+    ``projected`` (N, B, 4·H·r): each layer's memory projection of the token (N layers, or N = 1), ``beta_bias``
+    (N, 1, H·r) the layers' gate biases, ``state`` (N, B, H, r, r) the states before the token, ``write_mask``
+    (N, B) or None. Computes ``k = normalize(tanh(.))`` and ``beta = sigmoid(. + b_β)`` in the projection's dtype
+    and ``S - beta ⊙ (S + (S k - v) k^T)`` in float32; a row with ``write_mask`` False gets ``beta = 0`` and keeps
+    its state bit for bit. Returns the new states (N, B, H, r, r), float32.
+
+    A decoding layer reads at once (:func:`token_read`) and leaves its write for the end of the call: every
+    layer's write depends only on its own input, so the writes of all layers run as one batch of these ops.
     """
-    batch = projected.shape[0]
-    heads, r = state.shape[1], state.shape[-1]
-    blocks = projected.view(batch, 4, heads, r)
-    qk = torch.tanh(blocks[:, :2])
-    qk = qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
-    beta = torch.sigmoid(blocks[:, 3] + beta_bias.view(heads, r))
-    value = blocks[:, 2]
-    if qk.dtype != torch.float32:
-        qk, beta, value = qk.float(), beta.float(), value.float()
+    n, batch, heads, r = state.shape[0], state.shape[1], state.shape[2], state.shape[-1]
+    blocks = projected.view(n, batch, 4, heads, r)
+    k = torch.tanh(blocks[:, :, 1])
+    k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+    beta = torch.sigmoid(blocks[:, :, 3] + beta_bias.view(n, 1, heads, r))
+    value = blocks[:, :, 2]
+    if k.dtype != torch.float32:
+        k, beta, value = k.float(), beta.float(), value.float()
     if write_mask is not None:
-        beta = beta * write_mask.view(batch, 1, 1).to(beta.dtype)
+        beta = beta * write_mask.view(n, batch, 1, 1).to(beta.dtype)
     state = state.float()
-    both = torch.matmul(state, qk.permute(0, 2, 3, 1))  # (B, H, r, 2): S q and S k in one batched GEMM
-    residual = both[..., 1] - value  # S k - v
-    new_state = torch.addcmul(state, residual.unsqueeze(-1), qk[:, 1].unsqueeze(-2))  # S + (S k - v) k^T
-    new_state = torch.addcmul(state, beta.unsqueeze(-1), new_state, value=-1.0)
-    return both[..., 0].reshape(batch, 1, heads * r), new_state
+    residual = torch.matmul(state, k.unsqueeze(-1)) - value.unsqueeze(-1)  # S k - v, (N, B, H, r, 1)
+    updated = torch.addcmul(state, residual, k.unsqueeze(-2))  # S + (S k - v) k^T
+    return torch.addcmul(state, beta.unsqueeze(-1), updated, value=-1.0)

@@ -112,27 +112,24 @@ def _corrected_slots(layer: DeltaMemLayer, adapter: str) -> list[str]:
 
 
 class _CorrectionProbe:
-    """Forward hooks around each corrected projection: one sees the base output, one the corrected output."""
+    """A forward hook on each corrected projection: its output, with the correction the δ-mem layer added to it."""
 
     def __init__(self, layers: list[DeltaMemLayer], adapter: str, valid: torch.Tensor | None) -> None:
         self.valid = valid
         self.ratios: dict[tuple[str, str], float] = {}
         self.handles = []
-        self._base_outputs: dict[tuple[str, str], torch.Tensor] = {}
         for layer in layers:
             for slot in _corrected_slots(layer, adapter):
                 projection = getattr(layer.base_layer, layer.layout.projections[slot])
                 key = (layer.layer_name, slot)
-                # prepend=True runs before the δ-mem hook that adds the correction, so it sees the base output
-                self.handles.append(projection.register_forward_hook(functools.partial(self._base, key), prepend=True))
-                self.handles.append(projection.register_forward_hook(functools.partial(self._corrected, key)))
+                self.handles.append(projection.register_forward_hook(functools.partial(self._measure, layer, key)))
 
-    def _base(self, key, module, inputs, output) -> None:
-        self._base_outputs[key] = output.detach()
-
-    def _corrected(self, key, module, inputs, output) -> None:
-        base = self._base_outputs.pop(key).float()
-        delta = output.detach().float() - base
+    def _measure(self, layer: DeltaMemLayer, key, module, inputs, output) -> None:
+        correction = layer.running_correction(key[1])
+        if correction is None:
+            return
+        delta = correction.detach().float().expand_as(output)
+        base = output.detach().float() - delta
         if self.valid is not None:
             valid = self.valid.to(base.device)
             base, delta = base[valid], delta[valid]
