@@ -20,7 +20,7 @@ def padded_batch(length: int = 41):
     return ids, mask
 
 
-def prefill_and_decode(model, ids, mask, steps: int = 4, **kwargs):
+def prefill_and_decode(model, ids, mask, steps: int = 4, step_kwargs=None, **kwargs):
     memory = model.new_memory(ids.shape[0])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -34,7 +34,12 @@ def prefill_and_decode(model, ids, mask, steps: int = 4, **kwargs):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             out.append(
                 model(
-                    input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, memory=memory
+                    input_ids=token,
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    use_cache=True,
+                    memory=memory,
+                    **(step_kwargs or {}),
                 ).logits
             )
             token = out[-1][:, -1:].argmax(-1)
@@ -51,6 +56,30 @@ def test_prefill_and_decode_match_naive(impl, heads):
         expected_logits, expected_states = prefill_and_decode(model, ids, mask)
     with use_impl(impl):
         logits, states = prefill_and_decode(model, ids, mask)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    for name, state in states.items():
+        torch.testing.assert_close(state, expected_states[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["token", "segment"])
+@pytest.mark.parametrize("reads", [True, torch.tensor([True, False])])
+def test_decoding_steps_that_only_read_match_naive(granularity, reads, monkeypatch):
+    """Single-token calls that do not write (memory_writes=False; some rows not reading) take the decoding read,
+    for token- and segment-write layers: logits and (unchanged) states as the naive scan's."""
+    from peft_deltamem import ops
+
+    reads_taken = []
+    token_read = ops.token_read
+    monkeypatch.setattr(ops, "token_read", lambda *args: reads_taken.append(1) or token_read(*args))
+    model = make_peft(num_state_heads=2, write_granularity=granularity)
+    ids, mask = padded_batch()
+    prefill = {"memory_segment_ids": torch.zeros_like(ids)} if granularity == "segment" else {}
+    steps = {"memory_writes": False, "memory_reads": reads}
+    with use_impl("naive"):
+        expected_logits, expected_states = prefill_and_decode(model, ids, mask, step_kwargs=steps, **prefill)
+    assert not reads_taken  # naive: every step runs that scan
+    logits, states = prefill_and_decode(model, ids, mask, step_kwargs=steps, **prefill)
+    assert len(reads_taken) == 4 * len(model.new_memory(1).layers)  # every step of every layer
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
     for name, state in states.items():
         torch.testing.assert_close(state, expected_states[name], atol=1e-5, rtol=1e-5)

@@ -528,6 +528,67 @@ def test_unload_restores_the_original_model(family):
     assert not any("delta_mem" in n for n, _ in unloaded.named_parameters())
 
 
+@pytest.mark.parametrize("order", ["accelerate first", "δ-mem first"])
+def test_corrections_compose_with_forwards_that_accelerate_sets_on_a_projection(order):
+    """accelerate's hooks (device maps, offloading) replace a module's forward; the correcting forward of a projection
+    runs inside or around theirs, in either order, and each side's removal gives the other's forward back."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    ids = random_ids(2, 6)
+    base = tiny_model("llama")
+    torch.manual_seed(1)
+    reference = logits(make_peft(copy.deepcopy(base)), ids)
+    q_name = "model.layers.0.self_attn.q_proj"
+    torch.manual_seed(1)
+    if order == "accelerate first":
+        add_hook_to_module(base.get_submodule(q_name), Counting())
+        accelerate_forward = base.get_submodule(q_name).forward
+        model = make_peft(base)
+    else:
+        model = make_peft(base)
+        add_hook_to_module(model.get_base_model().get_submodule("model.layers.0.self_attn.base_layer.q_proj"),
+                           Counting())  # fmt: skip
+    q_proj = model.get_base_model().get_submodule("model.layers.0.self_attn.base_layer.q_proj")
+    assert torch.equal(logits(model, ids), reference)  # corrected once, not twice or never
+    assert Counting.calls == 1
+    if order == "accelerate first":
+        unloaded = model.unload()
+        assert unloaded.get_submodule(q_name).forward is accelerate_forward
+        remove_hook_from_module(unloaded.get_submodule(q_name))  # accelerate puts the module's bound forward back
+        assert unloaded.get_submodule(q_name).forward.__func__ is nn.Linear.forward
+    else:
+        remove_hook_from_module(q_proj)
+        assert corrects(q_proj) and torch.equal(logits(model, ids), reference)
+
+
+def test_hooks_on_the_attention_block_and_its_projections_still_run():
+    """The layer calls the attention block's forward directly only when nothing is registered on it; a hook on the
+    block or a projection runs, and a projection's hook sees the corrected output."""
+    model = make_peft()
+    attention = decoder_layers(model)[0].self_attn
+    seen = []
+    handles = [
+        attention.base_layer.register_forward_pre_hook(lambda module, args: seen.append("attention")),
+        attention.base_layer.o_proj.register_forward_hook(lambda module, args, out: seen.append(out.detach())),
+    ]
+    ids = random_ids(1, 5)
+    corrected = logits(model, ids)
+    assert seen[0] == "attention" and len(seen) == 2
+    with model.disable_adapter():
+        logits(model, ids)
+    assert not torch.allclose(seen[1], seen[3])  # the hook saw the correction, then the plain output
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(logits(model, ids), corrected)
+
+
 @pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter"])
 def test_merging_is_refused(method):
     model = make_peft()

@@ -346,6 +346,15 @@ def test_the_stacked_write_equals_each_layer_written_alone() -> None:
         assert_close(stacked[i], reference, 1e-5)
 
 
+def test_the_decoding_read_needs_only_the_query_block() -> None:
+    """A call that only reads projects the query block alone; its read equals the one from the whole projection."""
+    from peft_deltamem.ops.fused_recurrent import token_read
+
+    gen = torch.Generator().manual_seed(27)
+    projected, state = torch.randn(3, 1, 4 * 2 * 8, generator=gen), torch.randn(3, 2, 8, 8, generator=gen)
+    assert torch.equal(token_read(projected[..., :16].contiguous(), state), token_read(projected, state))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_decoding_step_in_low_precision(dtype: torch.dtype) -> None:
     """Low-precision projections: feature maps in their dtype (as the general path), the step in float32."""

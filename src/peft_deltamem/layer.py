@@ -392,19 +392,23 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         settings = self.settings[adapter]
         write = self._modules["delta_mem_write"]._modules[adapter]
         out_proj = self._modules["delta_mem_out"]._modules[adapter]
-        dtype = write.weight.dtype
+        dtype = write._parameters["weight"].dtype if type(write) is nn.Linear else write.weight.dtype
         x = hidden if hidden.dtype == dtype else hidden.to(dtype)
         batch, length, _ = x.shape
         valid = record.token_mask(batch, length, x.device)
         state = self._input_state(adapter, record, batch, x.device)
         key = (self.layer_name, adapter)
         if length == 1 and self._takes_token_step(settings, record):
-            write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
-            projected = _linear(write, x)
-            read = ops.token_read(projected, state)
-            # the write waits for the end of the call, where every layer's runs at once (ops.token_write)
-            beta_bias = self._modules["delta_mem_beta_bias"]._parameters[adapter]
-            record.pending_writes[key] = (projected, beta_bias, state, write_mask)
+            if record.writes:
+                write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
+                projected = _linear(write, x)
+                read = ops.token_read(projected, state)
+                # the write waits for the end of the call, where every layer's runs at once (ops.token_write)
+                beta_bias = self._modules["delta_mem_beta_bias"]._parameters[adapter]
+                record.pending_writes[key] = (projected, beta_bias, state, write_mask)
+            else:  # the query block is all a read needs
+                read = ops.token_read(_query_rows(write, x, settings.width), state)
+                record.final_states[key] = state if record.keep_graph else state.detach()
             if valid is not None:
                 read = read * valid.view(batch, 1, 1)
             if record.read_rows is not None:
@@ -436,8 +440,9 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def _takes_token_step(settings: AdapterSettings, record: CallRecord) -> bool:
-        """A decoding step that the per-token functions compute exactly (see ops.token_read, ops.token_write)."""
-        return settings.write_granularity == "token" and record.takes_token_step()
+        """A decoding step that the per-token functions compute exactly (see ops.token_read, ops.token_write): a
+        token-write layer's, or any layer's that only reads."""
+        return (settings.write_granularity == "token" or not record.writes) and record.takes_token_step()
 
     def _input_state(self, adapter: str, record: CallRecord, batch: int, device: torch.device) -> torch.Tensor:
         # Recorded once per call, so a recomputed (checkpointed) layer reads the same state.

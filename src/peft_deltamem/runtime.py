@@ -115,13 +115,13 @@ class CallRecord:
             self._final_states.update(zip(keys, finals.unbind(0)))
 
     def takes_token_step(self) -> bool:
-        """Whether this call's single-token steps can take the decoding step (token-write layers; see
-        ops.token_read): it writes, keeps no per-token states or gate statistics, and the default scan
+        """Whether this call's single-token steps can take the decoding step (see ops.token_read): it only reads,
+        or it writes (token-write layers) and keeps no per-token states or gate statistics; and the default scan
         implementation allows it. Decided once per call."""
         if self._token_step is None:
             self._token_step = (
-                self.writes and not self.track_steps and self.write_gate_stats is None and ops.token_step_enabled()
-            )
+                not self.writes or (not self.track_steps and self.write_gate_stats is None)
+            ) and ops.token_step_enabled()
         return self._token_step
 
     def token_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -531,7 +531,7 @@ class MemoryRuntime:
                 "The memory update of this call contains NaN or infinite values (non-finite inputs or activations?). "
                 "The memory was left unchanged."
             )
-        new = {layer: _standard_layout(_plain(t.detach())) for layer, t in new.items()}
+        new = {layer: _standard_layout(_plain(t.detach() if t.requires_grad else t)) for layer, t in new.items()}
         memory._commit(new, version, weights_hash or self.weights_fingerprint(memory.adapter_name))
 
 

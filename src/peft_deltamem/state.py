@@ -305,7 +305,8 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 def all_finite(tensors) -> bool:
     """Whether every tensor is finite, with a single host sync.
 
-    A few small tensors (a decoding step's states) are checked as one: one cat, one ``isfinite``. Larger ones
+    A few small tensors (a decoding step's states) are checked as one: one stack (one cat when their shapes
+    differ), one ``isfinite``. Larger ones
     (prefill and write calls of wide states: megabytes) one by one without copies: a finite value times 0 is 0 and
     an infinite or NaN one gives NaN, so a tensor is finite exactly when the sum of ``t * 0`` is 0 (one pass and a
     reduction, where ``isfinite`` of a cat copies them all and makes several passes)."""
@@ -315,7 +316,10 @@ def all_finite(tensors) -> bool:
     first = tensors[0].device
     if sum(t.numel() for t in tensors) > _SMALL_CHECK:
         return bool(torch.stack([t.mul(0).sum().float().to(first) for t in tensors]).sum() == 0)
-    try:  # the usual case, every tensor on one device: one cat, one check
+    try:  # the usual case, every tensor on one device: one stack (or cat), one check
+        shape = tensors[0].shape
+        if all(t.shape == shape for t in tensors):
+            return bool(torch.isfinite(torch.stack(tensors)).all())
         return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
     except RuntimeError:  # tensors on several devices (a model spread over GPUs)
         pass
