@@ -321,7 +321,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         for child_name in self.layout.projections.values():
             child = getattr(self.base_layer, child_name)
             forward = child.__dict__.get("forward")
-            if isinstance(forward, functools.partial) and forward.func is _corrected_forward and forward.args[0] is self:
+            ours = isinstance(forward, functools.partial) and forward.func is _corrected_forward
+            if ours and forward.args[0] is self:
                 if forward.args[3] is None:
                     del child.forward
                 else:
@@ -377,8 +378,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 self._corrections[thread] = outer
 
     def running_correction(self, slot: str) -> torch.Tensor | None:
-        """What the call running in this thread adds to projection ``slot``'s output (scaled, in the output's dtype
-        as the projection adds it), or None outside a call (diagnostics: training.callbacks)."""
+        """What the call running in this thread adds to projection ``slot``'s output (scaled; in the correction's
+        dtype, which the projection casts to its output's), or None outside a call (diagnostics: training.callbacks)."""
         corrections = self._corrections.get(_thread_key())
         if corrections is None or slot not in corrections:
             return None

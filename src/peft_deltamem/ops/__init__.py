@@ -75,8 +75,9 @@ def use_impl(name: str) -> Iterator[None]:
 
 
 def token_step_enabled() -> bool:
-    """Whether single-token decoding steps take :func:`token_read` and :func:`token_write` (the default implementation is
-    ``"auto"`` or ``"fused_recurrent"``); under ``use_impl("naive")`` or ``"chunk"`` every step runs that scan."""
+    """Whether single-token decoding steps take :func:`token_read` and :func:`token_write` (the default
+    implementation is ``"auto"`` or ``"fused_recurrent"``); under ``use_impl("naive")`` or ``"chunk"`` every step
+    runs that scan."""
     return _default_impl in ("auto", "fused_recurrent")
 
 

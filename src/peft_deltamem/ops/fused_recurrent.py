@@ -81,9 +81,10 @@ def token_read(projected: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """The read of one decoding token: ``S q`` with ``q = normalize(tanh(.))`` of the query block.
 
     ``projected`` (B, 1, 4·H·r) is the token's memory projection (W_mq, W_mk, W_mv, W_β row blocks), or its query
-    block alone (B, 1, H·r), ``state`` (B, H, r, r) the state before the token. The feature map runs in the projection's dtype (as the general path),
-    the product in float32. Returns (B, 1, H·r) float32. With :func:`token_write` the same numbers as the feature
-    maps followed by :func:`fused_recurrent_delta_rule` with T = 1 (read before write).
+    block alone (B, 1, H·r), ``state`` (B, H, r, r) the state before the token. The feature map runs in the
+    projection's dtype (as the general path), the product in float32. Returns (B, 1, H·r) float32. With
+    :func:`token_write` the same numbers as the feature maps followed by :func:`fused_recurrent_delta_rule` with
+    T = 1 (read before write).
     """
     batch, heads, r = projected.shape[0], state.shape[1], state.shape[-1]
     q = torch.tanh(projected.view(batch, -1, heads, r, 1)[:, 0])
