@@ -42,16 +42,23 @@ _GLOBAL_HOOKS = tuple(
 _DIRECT_LINEAR = all(isinstance(hooks, dict) for hooks in _GLOBAL_HOOKS)
 
 
+def _hook_free(module: nn.Module) -> bool:
+    """Nothing is registered on ``module`` or for every module: ``nn.Module.__call__`` would only call its forward."""
+    return (
+        _DIRECT_LINEAR
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not any(_GLOBAL_HOOKS)
+    )
+
+
 def _direct(module: nn.Module) -> bool:
     """A plain ``nn.Linear`` with no hooks: nothing gathers, shards or observes it, so it can be applied directly.
     Sharding wrappers (FSDP2 replaces the class, ZeRO-3 registers hooks) and user hooks keep the module call."""
     return (
-        _DIRECT_LINEAR
-        and type(module) is nn.Linear
+        type(module) is nn.Linear
         and "forward" not in module.__dict__  # a forward set on the module (accelerate's hooks)
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (module._backward_hooks or module._backward_pre_hooks)
-        and not any(_GLOBAL_HOOKS)
+        and _hook_free(module)
     )
 
 
@@ -66,13 +73,7 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _call(module: nn.Module, args: tuple, kwargs: dict):
     """``module(*args, **kwargs)``; a module without hooks (the wrapped attention block, as a rule) gets its forward
     called directly, as ``nn.Module.__call__`` does then, without its dispatch (a few µs per layer and token)."""
-    if (
-        _DIRECT_LINEAR
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (module._backward_hooks or module._backward_pre_hooks)
-        and not any(_GLOBAL_HOOKS)
-        and not torch._C._get_tracing_state()
-    ):
+    if _hook_free(module) and not torch._C._get_tracing_state():
         return module.forward(*args, **kwargs)
     return module(*args, **kwargs)
 
