@@ -330,7 +330,7 @@ def all_finite(tensors) -> bool:
     return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
 
 
-_SMALL_CHECK = 1 << 16  # elements: up to here all_finite checks one cat
+_SMALL_CHECK = 1 << 16  # elements: up to here all_finite checks all tensors at once (one stack or cat)
 
 
 def row_index(rows, batch: int, what: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ T > 1 loops over the steps with one GEMM for ``S q`` and ``S k`` and the update 
 :func:`token_read` and :func:`token_write` are the per-token memory step of a decoding layer, split in two: the
 read (feature map of the query and ``S q``) runs in the layer, the write (feature maps of key and gate, the update)
 of every layer of a call at once, stacked, after the last layer (a layer's write depends only on its own input).
-About six ops per layer and a dozen per call, instead of the fifty per layer of the general path.
+About eight ops per layer and a dozen per call, instead of the fifty per layer of the general path.
 """
 
 from __future__ import annotations
