@@ -288,7 +288,8 @@ def token_step(projected, bias, state, write_mask=None):
     """The decoding step of one layer: its read, then its write as one layer of the stacked write."""
     from peft_deltamem.ops.fused_recurrent import token_read, token_write
 
-    read = token_read(projected, state)
+    b = projected.shape[0]
+    read = token_read(projected.view(b, -1), state).view(b, 1, -1)
     mask = None if write_mask is None else write_mask.view(1, -1)
     final = token_write(projected.view(1, projected.shape[0], -1), bias.view(1, 1, -1), state.unsqueeze(0), mask)
     return read, final[0]
@@ -351,7 +352,7 @@ def test_the_decoding_read_needs_only_the_query_block() -> None:
     from peft_deltamem.ops.fused_recurrent import token_read
 
     gen = torch.Generator().manual_seed(27)
-    projected, state = torch.randn(3, 1, 4 * 2 * 8, generator=gen), torch.randn(3, 2, 8, 8, generator=gen)
+    projected, state = torch.randn(3, 4 * 2 * 8, generator=gen), torch.randn(3, 2, 8, 8, generator=gen)
     assert torch.equal(token_read(projected[..., :16].contiguous(), state), token_read(projected, state))
 
 

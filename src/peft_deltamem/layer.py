@@ -401,6 +401,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         state = self._input_state(adapter, record, batch, x.device)
         key = (self.layer_name, adapter)
         if length == 1 and self._takes_token_step(settings, record):
+            # the decoding step, on (batch, features) tensors: see ops.token_read
+            x = x.reshape(batch, -1)
             if record.writes:
                 write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
                 projected = _linear(write, x)
@@ -412,13 +414,13 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
                 read = ops.token_read(_query_rows(write, x, settings.width), state)
                 record.final_states[key] = state if record.keep_graph else state.detach()
             if valid is not None:
-                read = read * valid.view(batch, 1, 1)
+                read = read * valid.view(batch, 1)
             if record.read_rows is not None:
-                read = read * _read_rows(record.read_rows, batch, read.device).view(batch, 1, 1)
+                read = read * _read_rows(record.read_rows, batch, read.device).view(batch, 1)
             if settings.read_gate:
-                read = self._gate(adapter, x, read, settings)
+                read = self._gate(adapter, x.view(batch, 1, -1), read.view(batch, 1, -1), settings).view(batch, -1)
             out = _linear(out_proj, read if read.dtype == dtype else read.to(dtype))
-            return self._split_heads(out, settings)
+            return self._split_heads(out.view(batch, 1, -1), settings)
         if settings.write_granularity == "segment":  # the tokens only read: the query block is all they need
             reads, final = self._segment_scan(adapter, x, _query_rows(write, x, settings.width), state, valid, record)
         else:
