@@ -291,7 +291,7 @@ def token_step(projected, bias, state, write_mask=None):
     b = projected.shape[0]
     read = token_read(projected.view(b, -1), state).view(b, 1, -1)
     mask = None if write_mask is None else write_mask.view(1, -1)
-    final = token_write(projected.view(1, projected.shape[0], -1), bias.view(1, 1, -1), state.unsqueeze(0), mask)
+    final = token_write(projected.view(1, b, -1), bias.view(1, 1, -1), state.unsqueeze(0), mask)
     return read, final[0]
 
 
