@@ -85,6 +85,33 @@ def test_decoding_steps_that_only_read_match_naive(granularity, reads, monkeypat
         torch.testing.assert_close(state, expected_states[name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "gpt2"])
+def test_one_row_decoding_matches_naive(model_type, monkeypatch):
+    """A one-row decoding step hands each corrected projection its correction scaled already and 1-D: a plain Linear
+    without a bias takes it as its bias (llama's q and o; qwen2's o; phi3's fused qkv, zeros where no Δ head
+    corrects); one with a bias (qwen2's q) and a Conv1D (gpt2) add it to their output. Logits and states as the
+    naive scan's."""
+    import torch.nn.functional as F
+
+    linear, as_bias = F.linear, []
+
+    def spy(x, weight, bias=None):
+        as_bias.append(bias is not None and not isinstance(bias, torch.nn.Parameter))
+        return linear(x, weight, bias)
+
+    model = make_peft(tiny_model(model_type, seed=3))
+    ids = random_ids(1, 19, seed=5)
+    mask = torch.ones_like(ids)
+    with use_impl("naive"):
+        expected_logits, expected_states = prefill_and_decode(model, ids, mask)
+    monkeypatch.setattr(F, "linear", spy)
+    logits, states = prefill_and_decode(model, ids, mask)
+    assert any(as_bias) == (model_type != "gpt2")
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    for name, state in states.items():
+        torch.testing.assert_close(state, expected_states[name], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl", FAST)
 def test_segment_writes_match_naive(impl):
     model = make_peft(write_granularity="segment")

@@ -406,12 +406,12 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             if record.writes:
                 write_mask = valid if record.write_mask is None else self._write_mask(valid, record, batch, 1)
                 projected = _linear(write, x)
-                read = ops.token_read(projected, state)
+                read = ops.token_read(projected, state, settings.scaling)
                 # the write waits for the end of the call, where every layer's runs at once (ops.token_write)
                 beta_bias = self._modules["delta_mem_beta_bias"]._parameters[adapter]
                 record.pending_writes[key] = (projected, beta_bias, state, write_mask)
             else:  # the query block is all a read needs
-                read = ops.token_read(_query_rows(write, x, settings.width), state)
+                read = ops.token_read(_query_rows(write, x, settings.width), state, settings.scaling)
                 record.final_states[key] = state if record.keep_graph else state.detach()
             if valid is not None:
                 read = read * valid.view(batch, 1)
@@ -420,7 +420,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
             if settings.read_gate:
                 read = self._gate(adapter, x.view(batch, 1, -1), read.view(batch, 1, -1), settings).view(batch, -1)
             out = _linear(out_proj, read if read.dtype == dtype else read.to(dtype))
-            return self._split_heads(out.view(batch, 1, -1), settings)
+            # scaled already (by the read); one row's correction is 1-D: a plain projection adds it as its bias
+            return self._split_heads(out.view(-1) if batch == 1 else out.view(batch, 1, -1), settings, 1.0)
         if settings.write_granularity == "segment":  # the tokens only read: the query block is all they need
             reads, final = self._segment_scan(adapter, x, _query_rows(write, x, settings.width), state, valid, record)
         else:
@@ -578,9 +579,12 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
         before = states.gather(2, index)
         return torch.einsum("bhtij,bhtj->bhti", before, q.float()), final
 
-    def _split_heads(self, out: torch.Tensor, settings: AdapterSettings) -> dict[str, tuple[torch.Tensor, float]]:
-        """``{slot: (correction, scaling)}`` from the stacked Δ-head output (one slot per projection)."""
-        scale = settings.scaling
+    def _split_heads(
+        self, out: torch.Tensor, settings: AdapterSettings, scale: float | None = None
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """``{slot: (correction, scaling)}`` from the stacked Δ-head output (one slot per projection); ``scale``:
+        the scaling to give each (default: the adapter's; 1.0 for an output that is scaled already)."""
+        scale = settings.scaling if scale is None else scale
         if len(settings.delta_heads) == 1 and "qkv" not in self.layout.projections:
             return {settings.delta_heads[0]: (out, scale)}
         per_head = dict(zip(settings.delta_heads, out.split(settings.head_sizes, dim=-1)))
@@ -599,17 +603,24 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
 def _corrected_forward(layer: DeltaMemLayer, slot: str, module: nn.Module, own_forward, *args, **kwargs):
     """The forward of a projection one of ``layer``'s Δ heads corrects: the projection's own output (its class's
     forward, or the forward it had before, e.g. accelerate's) plus the correction the running call of ``layer``
-    holds for ``slot`` (none outside a call: the projection's own output)."""
+    holds for ``slot`` (none outside a call: the projection's own output). A plain Linear without a bias takes a
+    decoding step's correction of one row (1-D, scaled already) as its bias: one ``addmm``, no add."""
+    corrections = layer._corrections.get(_thread_key())
+    correction = None if corrections is None else corrections.get(slot)
     if own_forward is not None:
         output = own_forward(*args, **kwargs)
     elif type(module) is nn.Linear and not kwargs:
-        output = F.linear(args[0], module._parameters["weight"], module._parameters["bias"])
+        weight, bias = module._parameters["weight"], module._parameters["bias"]
+        if correction is not None and bias is None and correction[1] == 1.0:
+            value = correction[0]
+            if value.dim() == 1 and value.dtype == weight.dtype:
+                return F.linear(args[0], weight, value)
+        output = F.linear(args[0], weight, bias)
     else:
         output = type(module).forward(module, *args, **kwargs)
-    corrections = layer._corrections.get(_thread_key())
-    if corrections is None or slot not in corrections:
+    if correction is None:
         return output
-    value, scale = corrections[slot]
+    value, scale = correction
     if value.dtype != output.dtype:
         value = value.to(output.dtype)
     return output.add(value, alpha=scale)

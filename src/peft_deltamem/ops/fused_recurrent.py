@@ -77,21 +77,23 @@ def fused_recurrent_delta_rule(
     return torch.stack(reads, 2), state
 
 
-def token_read(projected: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """The read of one decoding token: ``S q`` with ``q = normalize(tanh(.))`` of the query block.
+def token_read(projected: torch.Tensor, state: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The read of one decoding token: ``scale · S q`` with ``q = normalize(tanh(.))`` of the query block.
 
     ``projected`` (B, 4·H·r) is the token's memory projection (W_mq, W_mk, W_mv, W_β row blocks), or its query block
     alone (B, H·r), ``state`` (B, H, r, r) the state before the token. The feature map runs in the projection's dtype
     (as the general path), the product in float32. Returns (B, H·r) float32. With :func:`token_write` the same
     numbers as the feature maps followed by :func:`fused_recurrent_delta_rule` with T = 1 (read before write).
+    ``scale``: a factor the product applies (the layer's correction scale, which then needs no op of its own).
 
-    Written on 2-D and 3-D tensors with ``bmm``: a batched ``matmul`` of 4-D operands or a ``Linear`` of a 3-D input
-    reshapes around the same kernel, and each extra op costs microseconds per layer and token inside a model.
+    Written on 2-D and 3-D tensors with one ``baddbmm``: a batched ``matmul`` of 4-D operands or a ``Linear`` of a 3-D
+    input reshapes around the same kernel, and each extra op costs microseconds per layer and token inside a model.
     """
     batch, heads, r = projected.shape[0], state.shape[1], state.shape[-1]
     q = torch.tanh(projected[:, : heads * r]).view(batch * heads, r, 1)
-    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(1e-12)  # F.normalize
-    read = torch.bmm(state.reshape(batch * heads, r, r).float(), q.float())
+    q = (q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(1e-12)).float()  # F.normalize
+    # beta = 0: the first operand only gives the shape (its values are ignored)
+    read = torch.baddbmm(q, state.reshape(batch * heads, r, r).float(), q, beta=0.0, alpha=scale)
     return read.view(batch, heads * r)
 
 
