@@ -16,7 +16,7 @@ against the frozen model without a PEFT wrapper, then profiled per token.
 ``--cache static`` makes each step as generate() makes it with a static cache (explicit ``cache_position`` and
 ``position_ids``) instead of the hand-written loop's ``DynamicCache``.
 
-Writes profile_decode.json to the output directory (git-ignored by default) and prints both tables.
+Writes profile_decode.json to the output directory (git-ignored by default) and prints the four.
 
     python scripts/profile_decode.py --model smollm2 --threads 2
 """
@@ -259,10 +259,11 @@ def _count_ops(model, memory, call, prompt):
 def _per_token(sums: dict, total_ms: float, tokens: int) -> dict:
     """ms per token of each part in PARTS from the summed ns of one loop and its total ms per token."""
     ms = {part: ns / tokens / 1e6 for part, ns in sums.items()}
-    out = {part: ms.get(part, 0.0) for part in ("attention", "mlp", "read", "call_start", "call_end")}
+    timed = [part for part, _ in PARTS if part not in ("layer_code", "rest", "total")]
+    out = {part: ms.get(part, 0.0) for part in timed}
     out["layer_code"] = ms["delta_layer"] - out["attention"] - out["read"] if "delta_layer" in ms else 0.0
+    out["rest"] = total_ms - sum(out.values())
     out["total"] = total_ms
-    out["rest"] = total_ms - sum(out[p] for p in ("attention", "mlp", "read", "layer_code", "call_start", "call_end"))
     return out
 
 

@@ -390,7 +390,8 @@ class DeltaMemLayer(nn.Module, BaseTunerLayer):
     def _corrections_for(
         self, adapter: str, hidden: torch.Tensor, record: CallRecord
     ) -> dict[str, tuple[torch.Tensor, float]]:
-        """Each corrected slot's unscaled correction and its scale (the projection adds ``scale * correction``)."""
+        """Each corrected slot's correction and its scale (the projection adds ``scale * correction``; a decoding
+        step's correction is scaled already, with scale 1.0)."""
         settings = self.settings[adapter]
         write = self._modules["delta_mem_write"]._modules[adapter]
         out_proj = self._modules["delta_mem_out"]._modules[adapter]
