@@ -356,6 +356,15 @@ def test_the_decoding_read_needs_only_the_query_block() -> None:
     assert torch.equal(token_read(projected[..., :16].contiguous(), state), token_read(projected, state))
 
 
+def test_the_decoding_read_applies_its_scale_in_the_product() -> None:
+    """``token_read(.., scale)``: the layer's correction scale, applied by the read's product, is the scaled read."""
+    from peft_deltamem.ops.fused_recurrent import token_read
+
+    gen = torch.Generator().manual_seed(28)
+    projected, state = torch.randn(3, 4 * 2 * 8, generator=gen), torch.randn(3, 2, 8, 8, generator=gen)
+    assert_close(token_read(projected, state, 2.0), 2.0 * token_read(projected, state), 1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_decoding_step_in_low_precision(dtype: torch.dtype) -> None:
     """Low-precision projections: feature maps in their dtype (as the general path), the step in float32."""
